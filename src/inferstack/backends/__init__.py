@@ -1,0 +1,45 @@
+"""Backends execute models; the rest of the server sees only :class:`Backend`.
+
+A backend is registered by name (``backend: "onnxruntime"`` in a config) and
+by the Triton platforms it serves (``platform: "onnxruntime_onnx"``). Adding
+the Python, PyTorch or LLM backends means adding a module here and one entry
+to :data:`BACKENDS`; transports and the scheduler do not change.
+"""
+
+from __future__ import annotations
+
+from inferstack.backends.base import Backend, ModelInstance
+from inferstack.core.errors import NotFoundError
+
+__all__ = ["Backend", "ModelInstance", "backend_for"]
+
+
+def _onnxruntime() -> Backend:
+    from inferstack.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend()
+
+
+# name -> factory; imported lazily so an optional backend's heavy dependency
+# is only needed by models that use it.
+BACKENDS = {"onnxruntime": _onnxruntime}
+PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
+
+_instances: dict[str, Backend] = {}
+
+
+def backend_for(backend: str, platform: str, *, default: str = "onnxruntime") -> Backend:
+    """The backend a config asks for through ``backend`` or ``platform``."""
+    name = backend or PLATFORMS.get(platform, "" if platform else default)
+    if not name:
+        raise NotFoundError(
+            f"platform {platform!r} is not supported; supported: {', '.join(sorted(PLATFORMS))}"
+        )
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise NotFoundError(
+            f"backend {name!r} is not available; available: {', '.join(sorted(BACKENDS))}"
+        )
+    if name not in _instances:
+        _instances[name] = factory()
+    return _instances[name]

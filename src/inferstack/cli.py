@@ -1,0 +1,112 @@
+"""The ``inferstack`` command line."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from inferstack import __version__
+
+app = typer.Typer(
+    name="inferstack",
+    help="Scalable ML inference serving: a Triton-compatible model server.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+class ControlMode(str, Enum):
+    none = "none"
+    explicit = "explicit"
+    poll = "poll"
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"inferstack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """inferstack: serve ONNX models over the KServe v2 / Triton protocol."""
+
+
+@app.command()
+def serve(
+    model_repository: Annotated[
+        Path,
+        typer.Option("--model-repository", "--model-store", help="Model repository: REPO/<model>/config.pbtxt and REPO/<model>/<version>/model.onnx.",
+                     exists=True, file_okay=False, dir_okay=True, resolve_path=True),
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind (use 127.0.0.1 for local-only).")] = "0.0.0.0",
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port (KServe v2).", min=0, max=65535)] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (reserved; the gRPC endpoint comes next).", min=0, max=65535)] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.", min=0, max=65535)] = 8002,
+    allow_metrics: Annotated[bool, typer.Option("--allow-metrics/--no-allow-metrics", help="Serve Prometheus metrics.")] = True,
+    model_control_mode: Annotated[
+        ControlMode, typer.Option(help="none: load every model at start. explicit: load --load-model names, then load/unload via the API. poll: like none (watching comes next).")
+    ] = ControlMode.none,
+    load_model: Annotated[
+        Optional[list[str]], typer.Option("--load-model", help="Model to load at start in explicit mode; repeatable; '*' for all.")
+    ] = None,
+    repository_poll_secs: Annotated[float, typer.Option(help="Poll interval in poll mode.", min=0.1)] = 15.0,
+    strict_model_config: Annotated[
+        bool,
+        typer.Option("--strict-model-config/--no-strict-model-config", help="Require a complete config.pbtxt (no auto-complete from the model)."),
+    ] = False,
+    strict_readiness: Annotated[
+        bool,
+        typer.Option("--strict-readiness/--no-strict-readiness", help="Ready only when every model meant to load is READY."),
+    ] = True,
+    max_request_size: Annotated[int, typer.Option(help="Largest accepted request body in bytes (413 beyond).", min=1)] = 128 * 1024 * 1024,
+    max_queue_size: Annotated[int, typer.Option(help="Queue bound for models whose queue policy sets none (0 = unbounded).", min=0)] = 1024,
+    http_max_concurrency: Annotated[int, typer.Option(help="Concurrent HTTP connections+requests before answering 503 (0 = unlimited).", min=0)] = 2048,
+    exit_timeout_secs: Annotated[float, typer.Option(help="On SIGTERM, how long to wait for in-flight requests.", min=0)] = 30.0,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
+    log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
+) -> None:
+    """Serve a model repository over HTTP (KServe v2 + Triton extensions) with Prometheus metrics."""
+    from inferstack.observability.logs import setup_logging
+    from inferstack.server import ServerSettings, run_server
+
+    setup_logging(log_level.value, log_format.value)
+    settings = ServerSettings(
+        model_repository=model_repository,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        allow_metrics=allow_metrics,
+        model_control_mode=model_control_mode.value,
+        load_models=list(load_model or []),
+        repository_poll_secs=repository_poll_secs,
+        strict_model_config=strict_model_config,
+        strict_readiness=strict_readiness,
+        max_request_bytes=max_request_size,
+        max_queue_size=max_queue_size,
+        http_max_concurrency=http_max_concurrency,
+        exit_timeout_secs=exit_timeout_secs,
+    )
+    raise typer.Exit(run_server(settings))

@@ -1,0 +1,116 @@
+"""Prometheus metrics, read at scrape time from the serving core.
+
+Counters and histograms come straight from each loaded version's
+:class:`~inferstack.core.stats.ModelStats` and gauges from the schedulers,
+through one custom collector: serving a request costs no Prometheus call at
+all, and ``/metrics`` can never disagree with the statistics API. Metric
+names and labels are listed in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from inferstack.core.stats import Histogram
+from inferstack.serving import ModelManager, ModelState
+
+log = logging.getLogger("inferstack.metrics")
+
+PREFIX = "inferstack"
+_LABELS = ["model", "version"]
+
+
+class ModelCollector(Collector):
+    """Exports every loaded model version's statistics."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, doc: str, labels: list[str] = _LABELS) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        success = counter("request_success", "Inference requests that succeeded.")
+        failure = counter("request_failure", "Inference requests that failed, by reason.", [*_LABELS, "reason"])
+        inferences = counter("inference_count", "Samples inferred (a request with batch 4 counts 4).")
+        executions = counter("execution_count", "Backend executions (one per batch).")
+        queue_us = counter("queue_duration_us", "Cumulative time requests waited in the queue (µs).")
+        compute_us = counter(
+            "compute_duration_us",
+            "Cumulative compute time charged to requests, by phase (µs).",
+            [*_LABELS, "phase"],
+        )
+        pending = GaugeMetricFamily(
+            f"{PREFIX}_pending_requests",
+            "Requests waiting in the queue: the autoscaling signal.",
+            labels=_LABELS,
+        )
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_inflight_requests", "Requests queued or executing.", labels=_LABELS
+        )
+        state = GaugeMetricFamily(
+            f"{PREFIX}_model_ready", "1 if the model version is READY, else 0.", labels=_LABELS
+        )
+        load_seconds = GaugeMetricFamily(
+            f"{PREFIX}_model_load_seconds", "Time the model version took to load.", labels=_LABELS
+        )
+        histograms: dict[str, tuple[str, list[tuple[list[str], Histogram]]]] = {
+            "request_duration_seconds": ("End-to-end request latency inside the server.", []),
+            "queue_duration_seconds": ("Time a request waited in the queue.", []),
+            "compute_duration_seconds": ("Compute time of the batch a request ran in.", []),
+            "batch_size": ("Samples per backend execution.", []),
+        }
+        for version in self.manager.loaded_versions():
+            labels = [version.name, version.version_str]
+            stats = version.stats
+            success.add_metric(labels, stats.success.count)
+            for reason, count in list(stats.failures.items()):
+                failure.add_metric([*labels, reason], count)
+            inferences.add_metric(labels, stats.inference_count)
+            executions.add_metric(labels, stats.execution_count)
+            queue_us.add_metric(labels, stats.queue.ns / 1000)
+            compute_us.add_metric([*labels, "input"], stats.compute_input.ns / 1000)
+            compute_us.add_metric([*labels, "infer"], stats.compute_infer.ns / 1000)
+            compute_us.add_metric([*labels, "output"], stats.compute_output.ns / 1000)
+            pending.add_metric(labels, version.pending)
+            scheduler = version.scheduler
+            in_flight.add_metric(labels, scheduler.in_flight if scheduler is not None else 0)
+            state.add_metric(labels, 1 if version.state is ModelState.READY else 0)
+            load_seconds.add_metric(labels, version.load_seconds)
+            histograms["request_duration_seconds"][1].append((labels, stats.request_seconds))
+            histograms["queue_duration_seconds"][1].append((labels, stats.queue_seconds))
+            histograms["compute_duration_seconds"][1].append((labels, stats.compute_seconds))
+            histograms["batch_size"][1].append((labels, stats.batch_size))
+        yield from (success, failure, inferences, executions, queue_us, compute_us,
+                    pending, in_flight, state, load_seconds)
+        for name, (doc, series) in histograms.items():
+            family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=_LABELS)
+            for labels, histogram in series:
+                family.add_metric(labels, histogram.cumulative(), histogram.sum)
+            yield family
+
+
+def create_registry(manager: ModelManager) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ModelCollector(manager))
+    registry.register(ProcessCollector(registry=None))
+    return registry
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """Serve ``/metrics`` on its own port from a background thread.
+
+    A thread (prometheus-client's own WSGI server) rather than the event loop:
+    scrapes keep working even when the loop is saturated with inference.
+    Returns the server; call ``shutdown()`` on it to stop.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server

@@ -1,0 +1,1 @@
+"""Wire formats <-> core types. Codecs are pure functions: no I/O, no server state."""

@@ -1,0 +1,297 @@
+"""KServe v2 REST inference bodies, with Triton's binary tensor data extension.
+
+A request body is JSON, optionally followed by raw tensor bytes; the header
+``Inference-Header-Content-Length`` then says where the JSON ends. Inputs
+with ``parameters.binary_data_size`` take their data from that binary part,
+in order, decoded with ``np.frombuffer`` (no copy, no per-element loop).
+Outputs are returned as JSON ``data`` or, when the client asks with
+``binary_data`` (per output) or ``binary_data_output`` (per request), as raw
+bytes after the JSON.
+
+Every way a body can be wrong raises InvalidArgumentError naming the field,
+input and reason; nothing here lets a malformed body reach the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from inferstack.core.datatypes import (
+    DATATYPES,
+    datatype_of,
+    deserialize_bytes_tensor,
+    numpy_dtype,
+    serialize_bytes_tensor,
+)
+from inferstack.core.errors import InvalidArgumentError, UnsupportedError
+from inferstack.core.types import InferenceRequest, InferenceResponse, RequestedOutput
+
+HEADER_LENGTH = "inference-header-content-length"
+
+#: Refuse shapes claiming more elements than this, whatever the body holds.
+MAX_ELEMENTS = 1 << 40
+
+_INT_KINDS = "iu"
+
+
+@dataclass(slots=True)
+class OutputFormat:
+    """How the client wants outputs encoded: which ones go binary."""
+
+    binary_default: bool = False
+    binary: dict[str, bool] | None = None
+
+    def is_binary(self, name: str) -> bool:
+        if self.binary is not None and name in self.binary:
+            return self.binary[name]
+        return self.binary_default
+
+
+def _fail(message: str) -> InvalidArgumentError:
+    return InvalidArgumentError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"{where}: 'parameters' must be a JSON object")
+    return value
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _fail(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    count = 1
+    for dim in value:
+        if not _is_int(dim) or dim < 0:
+            raise _fail(f"input {name!r}: 'shape' {value!r} must hold non-negative integers")
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise _fail(f"input {name!r}: shape {value} claims more than {MAX_ELEMENTS} elements")
+    if len(value) > 32:
+        raise _fail(f"input {name!r}: shape {value} has more than 32 dimensions")
+    return tuple(value)
+
+
+def decode_request(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str = "",
+) -> tuple[InferenceRequest, OutputFormat]:
+    """Decode an infer request body into an InferenceRequest and the output format."""
+    if header_length is None:
+        json_part: bytes | memoryview = body
+        binary = memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise _fail(
+                f"Inference-Header-Content-Length {header_length} is outside the body "
+                f"of {len(body)} bytes"
+            )
+        view = memoryview(body)
+        json_part, binary = view[:header_length], view[header_length:]
+    try:
+        document = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(document, dict):
+        raise _fail("the request body must be a JSON object")
+
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise _fail("'id' must be a string")
+    parameters = _parameters(document.get("parameters"), "request")
+    for key in ("priority", "timeout"):
+        if key in parameters and (not _is_int(parameters[key]) or parameters[key] < 0):
+            raise _fail(f"request parameter {key!r} must be a non-negative integer")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise _fail("request parameter 'binary_data_output' must be a boolean")
+
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _fail("'inputs' must be a non-empty list")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for position, item in enumerate(raw_inputs):
+        if not isinstance(item, dict):
+            raise _fail(f"inputs[{position}] must be a JSON object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(f"inputs[{position}]: 'name' must be a non-empty string")
+        if name in inputs:
+            raise _fail(f"input {name!r} appears more than once")
+        shape = _shape(item.get("shape"), name)
+        datatype = item.get("datatype")
+        if datatype not in DATATYPES:
+            raise _fail(
+                f"input {name!r}: unsupported datatype {datatype!r}; expected one of "
+                f"{', '.join(sorted(DATATYPES))}"
+            )
+        input_parameters = _parameters(item.get("parameters"), f"input {name!r}")
+        if "shared_memory_region" in input_parameters:
+            raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported yet")
+        size = input_parameters.get("binary_data_size")
+        if size is not None:
+            if not _is_int(size) or size < 0:
+                raise _fail(f"input {name!r}: 'binary_data_size' must be a non-negative integer")
+            if "data" in item:
+                raise _fail(f"input {name!r} has both 'data' and 'binary_data_size'")
+            if offset + size > len(binary):
+                raise _fail(
+                    f"input {name!r}: binary_data_size {size} exceeds the "
+                    f"{len(binary) - offset} bytes of binary data left in the body"
+                )
+            inputs[name] = _from_binary(binary[offset : offset + size], shape, datatype, name)
+            offset += size
+        else:
+            if "data" not in item:
+                raise _fail(f"input {name!r} has neither 'data' nor 'binary_data_size'")
+            inputs[name] = _from_json(item["data"], shape, datatype, name)
+    if offset != len(binary):
+        raise _fail(f"{len(binary) - offset} bytes of binary data in the body belong to no input")
+
+    outputs, binary_by_name = _requested_outputs(document.get("outputs"))
+    request = InferenceRequest(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=parameters,
+    )
+    return request, OutputFormat(binary_default, binary_by_name)
+
+
+def _requested_outputs(value: Any) -> tuple[list[RequestedOutput] | None, dict[str, bool] | None]:
+    if value is None:
+        return None, None
+    if not isinstance(value, list):
+        raise _fail("'outputs' must be a list")
+    outputs: list[RequestedOutput] = []
+    binary: dict[str, bool] = {}
+    for position, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _fail(f"outputs[{position}] must be an object with a string 'name'")
+        name = item["name"]
+        parameters = _parameters(item.get("parameters"), f"output {name!r}")
+        if "shared_memory_region" in parameters:
+            raise UnsupportedError(f"output {name!r}: shared memory outputs are not supported yet")
+        if parameters.get("classification"):
+            raise UnsupportedError(f"output {name!r}: the classification extension is not supported yet")
+        if "binary_data" in parameters:
+            if not isinstance(parameters["binary_data"], bool):
+                raise _fail(f"output {name!r}: 'binary_data' must be a boolean")
+            binary[name] = parameters["binary_data"]
+        outputs.append(RequestedOutput(name, parameters))
+    return outputs, binary
+
+
+def _from_binary(buffer: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(buffer, count, name).reshape(shape)
+    dtype = numpy_dtype(datatype)
+    if count * dtype.itemsize != len(buffer):
+        raise _fail(
+            f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} "
+            f"bytes, binary_data_size is {len(buffer)}"
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        probe = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _fail(f"input {name!r}: 'data' is not a regular array: {exc}") from None
+    if probe.size != count:
+        raise _fail(
+            f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {probe.size}"
+        )
+    kind = probe.dtype.kind
+    if count == 0:
+        return np.empty(shape, dtype=numpy_dtype(datatype))
+    if datatype == "BYTES":
+        if kind not in "U":
+            raise _fail(f"input {name!r}: BYTES 'data' must hold strings")
+        flat = [item.encode("utf-8") for item in probe.reshape(-1).tolist()]
+        array = np.empty(count, dtype=np.object_)
+        array[:] = flat
+        return array.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise _fail(f"input {name!r}: BOOL 'data' must hold true/false values")
+        return probe.reshape(shape)
+    if dtype.kind in _INT_KINDS:
+        if kind not in _INT_KINDS:
+            raise _fail(f"input {name!r}: {datatype} 'data' must hold integers, found {_kind_name(kind)}")
+        info = np.iinfo(dtype)
+        if probe.min() < info.min or probe.max() > info.max:
+            raise _fail(f"input {name!r}: a value in 'data' is outside the range of {datatype}")
+    elif kind not in "iuf":
+        raise _fail(f"input {name!r}: {datatype} 'data' must hold numbers, found {_kind_name(kind)}")
+    return probe.astype(dtype, copy=False).reshape(shape)
+
+
+def _kind_name(kind: str) -> str:
+    return {"b": "booleans", "f": "floats", "U": "strings", "O": "mixed values"}.get(kind, "other values")
+
+
+def encode_response(response: InferenceResponse, output_format: OutputFormat) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and the JSON length when binary data follows."""
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in response.outputs.items():
+        datatype = datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if output_format.is_binary(name):
+            raw = (
+                serialize_bytes_tensor(array)
+                if datatype == "BYTES"
+                else np.ascontiguousarray(array).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [_as_text(item) for item in array.reshape(-1).tolist()]
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        outputs.append(entry)
+    document: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        document["id"] = response.id
+    if response.parameters:
+        document["parameters"] = response.parameters
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join((header, *chunks)), len(header)
+
+
+def _as_text(item: Any) -> str:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item).decode("utf-8", "replace")
+    return str(item)

@@ -1,0 +1,168 @@
+"""The server process: wires the serving core to its transports and runs them.
+
+One asyncio event loop (uvloop) serves HTTP; Prometheus metrics are served
+from their own thread on their own port; models load in the background so
+liveness answers at once and readiness turns true when the models meant to
+load are READY (what Kubernetes startup and readiness probes want).
+
+Shutdown on SIGTERM or SIGINT: readiness goes false, the HTTP server stops
+accepting and lets in-flight requests finish (bounded by
+``exit_timeout``), then every model drains and unloads, and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from inferstack.observability.metrics import create_registry, start_metrics_server
+from inferstack.serving import ModelManager, ServerOptions
+from inferstack.transports.http import HttpApi, create_app
+
+log = logging.getLogger("inferstack.server")
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Everything ``inferstack serve`` can be told (see docs/configuration.md)."""
+
+    model_repository: Path
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    allow_metrics: bool = True
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+    strict_model_config: bool = False
+    strict_readiness: bool = True
+    max_request_bytes: int = 128 * 1024 * 1024
+    max_queue_size: int = 1024
+    http_max_concurrency: int = 2048
+    exit_timeout_secs: float = 30.0
+
+    def manager_options(self) -> ServerOptions:
+        return ServerOptions(
+            model_repository=self.model_repository,
+            model_control_mode=self.model_control_mode,
+            startup_models=list(self.load_models),
+            strict_model_config=self.strict_model_config,
+            strict_readiness=self.strict_readiness,
+            max_queue_size=self.max_queue_size,
+            unload_timeout=self.exit_timeout_secs,
+        )
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the InferenceServer owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class InferenceServer:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings.manager_options())
+        self.http_api = HttpApi(self.manager, max_body_bytes=settings.max_request_bytes)
+        self._stop = asyncio.Event()
+
+    def request_shutdown(self) -> None:
+        if not self._stop.is_set():
+            log.info("shutting down: draining in-flight requests")
+            self.http_api.draining = True
+            self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until a signal arrives; returns the process exit code."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_shutdown)
+
+        if s.model_control_mode == "poll":
+            log.warning("model control mode 'poll': models load at start; watching the "
+                        "repository for changes is not implemented yet")
+        log.info("gRPC port %d reserved; the gRPC endpoint is not implemented yet", s.grpc_port)
+
+        metrics_server = None
+        if s.allow_metrics:
+            try:
+                metrics_server = start_metrics_server(create_registry(self.manager), s.host, s.metrics_port)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", s.host, s.metrics_port, exc)
+                return 1
+
+        http = _UvicornServer(
+            uvicorn.Config(
+                create_app(self.http_api),
+                host=s.host,
+                port=s.http_port,
+                http="httptools",
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                limit_concurrency=s.http_max_concurrency or None,
+                timeout_graceful_shutdown=max(1, int(s.exit_timeout_secs)),
+                timeout_keep_alive=75,
+            )
+        )
+        http_task = loop.create_task(http.serve(), name="http")
+        loading = loop.create_task(self.manager.load_startup_models(), name="load-models")
+        stop_task = loop.create_task(self._stop.wait())
+        exit_code = 0
+        try:
+            done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if http_task in done:
+                # uvicorn returned (or exited) on its own: it could not bind.
+                exit_code = 1
+                with contextlib.suppress(BaseException):
+                    http_task.result()
+                log.error("HTTP server stopped unexpectedly")
+            else:
+                log.info("HTTP server: no longer accepting; waiting up to %.0fs for in-flight requests",
+                         s.exit_timeout_secs)
+                http.should_exit = True
+                try:
+                    await http_task
+                except SystemExit as exc:  # uvicorn exits on a startup failure
+                    exit_code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            stop_task.cancel()
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(BaseException):
+                    await loading
+            await self.manager.shutdown()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+        log.info("stopped")
+        return exit_code
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Run the server on uvloop (when available) until it is told to stop."""
+
+    async def main() -> int:
+        return await InferenceServer(settings).run()
+
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is not available on Windows
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())

@@ -1,0 +1,333 @@
+"""One loaded model version: its config, instances, scheduler and statistics.
+
+``infer`` is the single entry point every transport uses. It checks a request
+against the model's declared inputs (names, datatypes, shapes, batch size),
+hands it to the scheduler, waits, and records statistics. The checks are a
+handful of tuple comparisons per input — never a walk over tensor data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferstack._proto import model_config_pb2 as mc
+from inferstack.backends.base import Backend, InstanceSpec, ModelInstance
+from inferstack.core.datatypes import datatype_of, numpy_dtype
+from inferstack.core.errors import (
+    InferenceServerError,
+    InvalidArgumentError,
+    NotFoundError,
+    RequestTimeoutError,
+    UnavailableError,
+)
+from inferstack.core.stats import ModelStats
+from inferstack.core.types import InferenceRequest, InferenceResponse
+from inferstack.repository.config import TensorSpec, config_to_dict, tensor_specs
+from inferstack.scheduling import QueuePolicy, Scheduler, SchedulerConfig
+
+log = logging.getLogger("inferstack.models")
+
+
+class ModelState(str, Enum):
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+
+
+class _Input:
+    """A TensorSpec prepared for fast checks."""
+
+    __slots__ = ("spec", "dtype", "dims", "reshape")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.spec = spec
+        self.dtype = numpy_dtype(spec.datatype)
+        self.dims = spec.dims
+        self.reshape = spec.reshape
+
+
+def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    if len(shape) != len(dims):
+        return False
+    for got, want in zip(shape, dims):
+        if want != -1 and got != want:
+            return False
+    return True
+
+
+def _queue_policy(policy: Any) -> QueuePolicy:
+    return QueuePolicy(
+        max_queue_size=policy.max_queue_size,
+        default_timeout_us=policy.default_timeout_microseconds,
+        allow_timeout_override=policy.allow_timeout_override,
+        delay_on_timeout=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
+    )
+
+
+def scheduler_config(config: mc.ModelConfig, server_max_queue_size: int) -> SchedulerConfig:
+    """Translate a model config's batching and queue fields for the scheduler."""
+    batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
+    if batching is None:
+        return SchedulerConfig(
+            model=config.name,
+            max_batch_size=config.max_batch_size,
+            server_max_queue_size=server_max_queue_size,
+        )
+    return SchedulerConfig(
+        model=config.name,
+        max_batch_size=config.max_batch_size,
+        dynamic_batching=True,
+        preferred_batch_sizes=tuple(batching.preferred_batch_size),
+        max_queue_delay_us=batching.max_queue_delay_microseconds,
+        priority_levels=batching.priority_levels,
+        default_priority_level=batching.default_priority_level,
+        default_policy=_queue_policy(batching.default_queue_policy),
+        level_policies={
+            level: _queue_policy(policy) for level, policy in batching.priority_queue_policy.items()
+        },
+        server_max_queue_size=server_max_queue_size,
+    )
+
+
+def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
+    """Expand ``instance_group`` into one spec per instance (default: one CPU instance)."""
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup(count=1)]
+    specs: list[InstanceSpec] = []
+    for group_index, group in enumerate(groups):
+        count = group.count or 1
+        kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+        if kind in ("KIND_AUTO", "KIND_MODEL"):
+            kind = "KIND_CPU"
+        gpus = list(group.gpus) or [0]
+        base = group.name or f"{config.name}_{group_index}"
+        for gpu in (gpus if kind == "KIND_GPU" else [0]):
+            for i in range(count):
+                specs.append(InstanceSpec(name=f"{base}_{i}", kind=kind, device_id=gpu))
+    total = len(specs)
+    return [InstanceSpec(s.name, s.kind, s.device_id, total) for s in specs]
+
+
+def _failure_reason(error: InferenceServerError) -> str:
+    """The ``reason`` label of a failed request in the statistics and metrics."""
+    if isinstance(error, RequestTimeoutError):
+        return "timeout"
+    if isinstance(error, UnavailableError):
+        return "rejected"
+    if isinstance(error, InvalidArgumentError):
+        return "invalid"
+    return "backend"
+
+
+class ModelVersion:
+    """A version of a model, from LOADING through READY to unloaded."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        backend: Backend,
+        model_path: Path,
+        *,
+        server_max_queue_size: int = 1024,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.version_str = str(version)
+        self.config = config
+        self.backend = backend
+        self.model_path = model_path
+        self.state = ModelState.LOADING
+        self.reason = ""
+        self.stats = ModelStats()
+        self.max_batch_size = config.max_batch_size
+        self.inputs = [_Input(spec) for spec in tensor_specs(config.input)]
+        self._inputs_by_name = {i.spec.name: i for i in self.inputs}
+        self._required = [i.spec.name for i in self.inputs if not i.spec.optional]
+        self.outputs = tensor_specs(config.output)
+        self._outputs_by_name = {o.name: o for o in self.outputs}
+        self._all_outputs = [o.name for o in self.outputs]
+        self._server_max_queue_size = server_max_queue_size
+        self.scheduler: Scheduler | None = None
+        self.load_seconds = 0.0
+
+    @classmethod
+    def failed(cls, name: str, version: int, reason: str) -> ModelVersion:
+        """A version that could not be loaded, kept so the index can say why."""
+        placeholder = cls(name, version, mc.ModelConfig(name=name), None, Path())  # type: ignore[arg-type]
+        placeholder.state = ModelState.UNAVAILABLE
+        placeholder.reason = reason
+        return placeholder
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Create every instance (off the loop) and start the scheduler; READY on success."""
+        started = time.perf_counter()
+        specs = instance_specs(self.config)
+
+        def create() -> list[ModelInstance]:
+            created: list[ModelInstance] = []
+            try:
+                for spec in specs:
+                    created.append(self.backend.load(self.config, self.model_path, spec))
+            except BaseException:
+                for instance in created:
+                    instance.unload()
+                raise
+            return created
+
+        instances = await asyncio.to_thread(create)
+        self.scheduler = Scheduler(
+            scheduler_config(self.config, self._server_max_queue_size), instances, self.stats
+        )
+        self.load_seconds = time.perf_counter() - started
+        self.state = ModelState.READY
+
+    async def unload(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish (bounded), free the instances."""
+        self.state = ModelState.UNLOADING
+        if self.scheduler is not None:
+            await self.scheduler.close(timeout)
+            self.scheduler = None
+        self.state = ModelState.UNAVAILABLE
+        self.reason = "unloaded"
+
+    # -- metadata -------------------------------------------------------------------
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        mbs = self.max_batch_size
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": self.config.platform or self.config.backend,
+            "inputs": [
+                {"name": i.spec.name, "datatype": i.spec.datatype, "shape": i.spec.shape_with_batch(mbs)}
+                for i in self.inputs
+            ],
+            "outputs": [
+                {"name": o.name, "datatype": o.datatype, "shape": o.shape_with_batch(mbs)}
+                for o in self.outputs
+            ],
+        }
+
+    def config_dict(self) -> dict[str, Any]:
+        return config_to_dict(self.config)
+
+    @property
+    def pending(self) -> int:
+        return self.scheduler.pending if self.scheduler is not None else 0
+
+    # -- inference ------------------------------------------------------------------
+
+    def _prepare(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], list[str], int]:
+        """Check a request against the config; return backend inputs, outputs, batch size."""
+        model = self.name
+        given = request.inputs
+        for name in self._required:
+            if name not in given:
+                raise InvalidArgumentError(f"model {model!r}: missing input {name!r}")
+        batching = self.max_batch_size > 0
+        batch_size = 0
+        inputs: dict[str, np.ndarray] = {}
+        for name, array in given.items():
+            spec = self._inputs_by_name.get(name)
+            if spec is None:
+                raise InvalidArgumentError(
+                    f"model {model!r}: unexpected input {name!r}; the model's inputs are "
+                    f"{sorted(self._inputs_by_name)}"
+                )
+            if array.dtype != spec.dtype:
+                raise InvalidArgumentError(
+                    f"model {model!r}: input {name!r} has datatype {datatype_of(array)}, "
+                    f"the model expects {spec.spec.datatype}"
+                )
+            shape = array.shape
+            if batching:
+                if len(shape) == 0 or not _shape_matches(shape[1:], spec.dims):
+                    raise InvalidArgumentError(
+                        f"model {model!r}: input {name!r} has shape {list(shape)}, "
+                        f"expected {[-1, *spec.dims]}"
+                    )
+                rows = shape[0]
+                if rows < 1 or rows > self.max_batch_size:
+                    raise InvalidArgumentError(
+                        f"model {model!r}: input {name!r} has batch size {rows}, which is "
+                        f"outside 1..max_batch_size {self.max_batch_size}"
+                    )
+                if batch_size and rows != batch_size:
+                    raise InvalidArgumentError(
+                        f"model {model!r}: input {name!r} has batch size {rows}, other "
+                        f"inputs have {batch_size}"
+                    )
+                batch_size = rows
+                if spec.reshape is not None:
+                    array = array.reshape((rows, *spec.reshape))
+            else:
+                if not _shape_matches(shape, spec.dims):
+                    raise InvalidArgumentError(
+                        f"model {model!r}: input {name!r} has shape {list(shape)}, "
+                        f"expected {list(spec.dims)}"
+                    )
+                if spec.reshape is not None:
+                    array = array.reshape(spec.reshape)
+            inputs[name] = array
+        if request.outputs is None:
+            outputs = self._all_outputs
+        else:
+            outputs = []
+            for requested in request.outputs:
+                if requested.name not in self._outputs_by_name:
+                    raise InvalidArgumentError(
+                        f"model {model!r}: unknown output {requested.name!r}; the model's "
+                        f"outputs are {self._all_outputs}"
+                    )
+                outputs.append(requested.name)
+        return inputs, outputs, batch_size
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Run one request through the scheduler; failures are counted and re-raised."""
+        started = time.perf_counter_ns()
+        scheduler = self.scheduler
+        if scheduler is None:
+            raise NotFoundError(f"model {self.name!r} version {self.version} is not loaded")
+        try:
+            inputs, outputs, batch_size = self._prepare(request)
+            future = scheduler.submit(
+                inputs,
+                outputs,
+                batch_size=batch_size,
+                priority=request.priority,
+                timeout_us=request.timeout_us,
+            )
+        except InferenceServerError as exc:
+            self.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))
+            raise
+        try:
+            results = await future
+        except asyncio.CancelledError:
+            future.cancel()
+            self.stats.record_failure(time.perf_counter_ns() - started, "canceled")
+            raise
+        except InferenceServerError as exc:
+            self.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))
+            raise
+        for spec in self.outputs:
+            if spec.reshape is not None and spec.name in results:
+                lead = (results[spec.name].shape[0],) if self.max_batch_size > 0 else ()
+                results[spec.name] = results[spec.name].reshape((*lead, *spec.dims))
+        self.stats.record_success(time.perf_counter_ns() - started)
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version_str,
+            id=request.id,
+            outputs=results,
+        )

@@ -1,0 +1,1 @@
+"""Helpers for tests, examples and benchmarks (need the ``onnx`` package: ``inferstack[tools]``)."""

@@ -1,0 +1,1 @@
+"""Network front ends: the HTTP/REST app (and, later, gRPC) over the serving core."""

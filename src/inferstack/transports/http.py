@@ -1,0 +1,321 @@
+"""The KServe v2 / Triton HTTP API as a Starlette application.
+
+Handlers are thin: read the body (bounded), decode with ``protocol.rest``,
+call the model manager, encode. Every InferenceServerError becomes
+``{"error": "..."}`` with its status code (and ``Retry-After`` when it has
+one); anything unexpected is logged with the request id and answered 500.
+A client that disconnects while its request waits in the queue cancels it,
+so the model never computes an answer nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from inferstack import __version__
+from inferstack.core.errors import (
+    InferenceServerError,
+    InvalidArgumentError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+from inferstack.observability.logs import request_id_var
+from inferstack.protocol import rest
+from inferstack.repository.config import ModelConfigError, config_from_dict
+from inferstack.serving import ModelManager
+
+log = logging.getLogger("inferstack.http")
+
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "parameters",
+    "schedule_policy",
+]
+
+_JSON = "application/json"
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=_JSON, headers=headers)
+
+
+def error_response(error: InferenceServerError) -> Response:
+    headers = None
+    if error.retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(error.retry_after)))}
+    return _json({"error": error.message}, error.http_status, headers)
+
+
+_ids = itertools.count(1)
+_id_prefix = f"{os.getpid():x}"
+
+
+class HttpApi:
+    """Route handlers bound to one model manager."""
+
+    def __init__(self, manager: ModelManager, *, max_body_bytes: int, server_name: str = "inferstack") -> None:
+        self.manager = manager
+        self.max_body_bytes = max_body_bytes
+        self.server_name = server_name
+        #: Set while shutting down: readiness turns false before connections close.
+        self.draining = False
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def handler(self, func: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            request_id = request.headers.get("x-request-id") or f"{_id_prefix}-{next(_ids)}"
+            token = request_id_var.set(request_id)
+            try:
+                response = await func(request, **request.path_params)
+            except InferenceServerError as error:
+                level = logging.ERROR if error.http_status >= 500 and not isinstance(error, UnavailableError) else logging.INFO
+                log.log(level, "%s %s -> %d: %s", request.method, request.url.path,
+                        error.http_status, error.message)
+                response = error_response(error)
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = _json({"error": "internal server error; see the server log"}, 500)
+            finally:
+                request_id_var.reset(token)
+            response.headers["x-request-id"] = request_id
+            return response
+
+        return endpoint
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 once it passes the limit (compressed or not)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise InvalidArgumentError(f"invalid Content-Length {declared!r}") from None
+            if length > limit:
+                raise PayloadTooLargeError(f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            body = _decompress(body, encoding, limit)
+        elif encoding not in ("identity", ""):
+            raise InvalidArgumentError(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+        return body
+
+    # -- server -----------------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return _json({"name": self.server_name, "version": __version__, "extensions": EXTENSIONS})
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        ready = not self.draining and self.manager.server_ready()
+        return Response(status_code=200 if ready else 503)
+
+    # -- models -----------------------------------------------------------------------
+
+    async def model_metadata(self, request: Request, model: str, version: str = "") -> Response:
+        found = self.manager.get(model, version)
+        return _json(found.metadata(self.manager.ready_version_numbers(model)))
+
+    async def model_ready(self, request: Request, model: str, version: str = "") -> Response:
+        if not self.manager.known(model):
+            raise NotFoundError(f"unknown model {model!r}")
+        ready = self.manager.is_ready(model, version)
+        return _json({"name": model, "ready": ready}, 200 if ready else 503)
+
+    async def model_config(self, request: Request, model: str, version: str = "") -> Response:
+        return _json(self.manager.get(model, version).config_dict())
+
+    async def model_stats(self, request: Request, model: str = "", version: str = "") -> Response:
+        if model:
+            if version:
+                versions = [self.manager.get(model, version)]
+            else:
+                if not self.manager.known(model):
+                    raise NotFoundError(f"unknown model {model!r}")
+                versions = [v for v in self.manager.loaded_versions() if v.name == model]
+        else:
+            versions = self.manager.loaded_versions()
+        return _json({"model_stats": [v.stats.as_triton_dict(v.name, v.version_str) for v in versions]})
+
+    async def infer(self, request: Request, model: str, version: str = "") -> Response:
+        target = self.manager.get(model, version)
+        body = await self.read_body(request)
+        header_length = request.headers.get(rest.HEADER_LENGTH)
+        if header_length is not None:
+            try:
+                header_length_value: int | None = int(header_length)
+            except ValueError:
+                raise InvalidArgumentError(f"invalid Inference-Header-Content-Length {header_length!r}") from None
+        else:
+            header_length_value = None
+        infer_request, output_format = rest.decode_request(body, header_length_value, model, version)
+        response = await _cancel_on_disconnect(request, target.infer(infer_request))
+        if response is None:  # the client is gone; nobody reads this
+            return Response(status_code=499)
+        content, json_length = rest.encode_response(response, output_format)
+        if json_length is None:
+            return Response(content, media_type=_JSON)
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
+
+    # -- repository -------------------------------------------------------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await self.read_body(request)
+        ready_only = False
+        if body.strip():
+            document = _parse_json_object(body)
+            ready_only = document.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise InvalidArgumentError("'ready' must be a boolean")
+        return _json(self.manager.index(ready_only))
+
+    async def repository_load(self, request: Request, model: str) -> Response:
+        self._require_explicit("load")
+        body = await self.read_body(request)
+        override = None
+        if body.strip():
+            parameters = _parse_json_object(body).get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise InvalidArgumentError("'parameters' must be a JSON object")
+            if "config" in parameters:
+                config_text = parameters["config"]
+                if not isinstance(config_text, str):
+                    raise InvalidArgumentError("parameter 'config' must be a JSON string")
+                try:
+                    override = config_from_dict(_parse_json_object(config_text.encode()), f"config for {model!r}")
+                except ModelConfigError as exc:
+                    raise InvalidArgumentError(str(exc)) from None
+        self.manager.repository.model_dir(model)  # 400 / 404 naming the problem
+        await self.manager.load(model, override)
+        return _json({})
+
+    async def repository_unload(self, request: Request, model: str) -> Response:
+        self._require_explicit("unload")
+        await self.read_body(request)
+        await self.manager.unload(model)
+        return _json({})
+
+    def _require_explicit(self, action: str) -> None:
+        mode = self.manager.options.model_control_mode
+        if mode != "explicit":
+            raise UnavailableError(
+                f"explicit model {action} is not allowed in model control mode {mode!r}; "
+                "start the server with --model-control-mode explicit"
+            )
+
+    # -- app --------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        h = self.handler
+        model = "/v2/models/{model}"
+        versioned = "/v2/models/{model}/versions/{version}"
+        return [
+            Route(f"{model}/infer", h(self.infer), methods=["POST"]),
+            Route(f"{versioned}/infer", h(self.infer), methods=["POST"]),
+            Route("/v2", h(self.server_metadata), methods=["GET"]),
+            Route("/v2/health/live", h(self.live), methods=["GET"]),
+            Route("/v2/health/ready", h(self.ready), methods=["GET"]),
+            Route("/v2/models/stats", h(self.model_stats), methods=["GET"]),
+            Route(model, h(self.model_metadata), methods=["GET"]),
+            Route(versioned, h(self.model_metadata), methods=["GET"]),
+            Route(f"{model}/ready", h(self.model_ready), methods=["GET"]),
+            Route(f"{versioned}/ready", h(self.model_ready), methods=["GET"]),
+            Route(f"{model}/config", h(self.model_config), methods=["GET"]),
+            Route(f"{versioned}/config", h(self.model_config), methods=["GET"]),
+            Route(f"{model}/stats", h(self.model_stats), methods=["GET"]),
+            Route(f"{versioned}/stats", h(self.model_stats), methods=["GET"]),
+            Route("/v2/repository/index", h(self.repository_index), methods=["POST"]),
+            Route("/v2/repository/models/{model}/load", h(self.repository_load), methods=["POST"]),
+            Route("/v2/repository/models/{model}/unload", h(self.repository_unload), methods=["POST"]),
+        ]
+
+
+def create_app(api: HttpApi) -> Starlette:
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _json({"error": f"no endpoint {request.method} {request.url.path}"}, 404)
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return _json({"error": f"method {request.method} not allowed on {request.url.path}"}, 405)
+
+    return Starlette(routes=api.routes(), exception_handlers={404: not_found, 405: method_not_allowed})
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it and return None."""
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                task.cancel()
+                return
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if disconnected:
+            task.uncancel()
+            log.info("client disconnected; request cancelled")
+            return None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    return document
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidArgumentError(f"body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise PayloadTooLargeError(f"decompressed request body exceeds the limit of {limit} bytes")
+    return data

@@ -70,6 +70,8 @@ class ModelManager:
         self.repository = ModelRepository(options.model_repository)
         self._models: dict[str, _Model] = {}
         self._wanted: set[str] = set()
+        #: False until the models loaded at start have finished loading (or failing).
+        self.startup_complete = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -83,6 +85,9 @@ class ModelManager:
         if not names:
             log.warning("no models to load from %s", self.repository.root)
         await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        self.startup_complete = True
+        ready = sum(1 for name in names if self._models.get(name) and self._models[name].ready_versions())
+        log.info("startup: %d of %d models ready", ready, len(names))
 
     async def load(self, name: str, config_override: mc.ModelConfig | None = None) -> None:
         """Load (or reload) a model; raises if it ends up with nothing serving."""
@@ -257,7 +262,10 @@ class ModelManager:
         return [v.version_str for v in model.ready_versions()] if model else []
 
     def server_ready(self) -> bool:
-        """Every model meant to be loaded is READY (or, if not strict, the server is up)."""
+        """Startup loading is over and every model meant to be loaded is READY
+        (or, without strict readiness, whatever could load has loaded)."""
+        if not self.startup_complete:
+            return False
         if not self.options.strict_readiness:
             return True
         return all(

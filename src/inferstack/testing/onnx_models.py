@@ -117,22 +117,27 @@ def add_sub(dims: int = 16, *, datatype: str = "FP32") -> bytes:
     return _model(graph)
 
 
-def slow_identity(dims: int = 4, *, repeats: int = 200, size: int = 128) -> bytes:
-    """FP32 identity that first burns CPU (``repeats`` chained MatMuls of ``size``²).
+def slow_identity(dims: int = 4, *, repeats: int = 100, size: int = 128) -> bytes:
+    """FP32 identity that first burns CPU: ``repeats`` chained ``size``² MatMul+Tanh.
 
-    Its output equals its input, so tests can check answers while the model
-    is slow enough for queues to build up.
+    The work depends on the input (so ONNX Runtime cannot fold it away) and
+    costs the same whatever the batch size, while the output equals the input:
+    tests can check answers while the model is slow enough for queues to form.
     """
     rng = np.random.default_rng(1)
-    weight = rng.standard_normal((size, size)).astype(np.float32) / np.sqrt(size)
+    weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    start = rng.standard_normal((size, size)).astype(np.float32)
     nodes = [
-        helper.make_node("ConstantOfShape", ["SHAPE"], ["Z0"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("ReduceSum", ["INPUT0"], ["IN_SUM"], keepdims=0),
+        helper.make_node("Mul", ["IN_SUM", "ZERO"], ["IN_ZERO"]),
+        helper.make_node("Add", ["START", "IN_ZERO"], ["Z0"]),
     ]
     current = "Z0"
     for i in range(repeats):
-        nodes.append(helper.make_node("MatMul", [current, "W"], [f"Z{i + 1}"]))
+        nodes.append(helper.make_node("MatMul", [current, "W"], [f"M{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"M{i}"], [f"Z{i + 1}"]))
         current = f"Z{i + 1}"
-    # zero = ReduceSum(work) * 0 keeps the work from being optimised away.
+    # Tanh keeps every value in [-1, 1], so sum * 0 is exactly 0.
     nodes += [
         helper.make_node("ReduceSum", [current], ["S"], keepdims=0),
         helper.make_node("Mul", ["S", "ZERO"], ["S0"]),
@@ -145,9 +150,21 @@ def slow_identity(dims: int = 4, *, repeats: int = 200, size: int = 128) -> byte
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", dims])],
         initializer=[
             numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(np.array([size, size], dtype=np.int64), "SHAPE"),
+            numpy_helper.from_array(start, "START"),
             numpy_helper.from_array(np.array(0.0, dtype=np.float32), "ZERO"),
         ],
+    )
+    return _model(graph)
+
+
+def add_constant(value: float, dims: int = 4) -> bytes:
+    """FP32 ``OUTPUT0 = INPUT0 + value`` (tells versions apart)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "C"], ["OUTPUT0"])],
+        "add_constant",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", dims])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", dims])],
+        initializer=[numpy_helper.from_array(np.array(value, dtype=np.float32), "C")],
     )
     return _model(graph)
 

@@ -55,7 +55,8 @@ try:
     from rich.console import Console
     from rich.table import Table
 
-    _console = Console()
+    # Wide tables when piped to a file/log (rich would otherwise wrap at 80 columns).
+    _console = Console() if sys.stdout.isatty() else Console(width=200)
 except ImportError:  # pragma: no cover - rich is a project dependency
     _console = None
 
@@ -125,31 +126,42 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def measure_ort(path: Path, in_dims: tuple[int, ...], batch_sizes: list[int], seconds: float,
-                warmup_iters: int, min_iters: int) -> dict[int, float]:
-    """Samples/s of a default-options CPU InferenceSession per batch size."""
+                warmup_iters: int, min_iters: int, repeats: int = 1) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """Samples/s of a default-options CPU InferenceSession per batch size.
+
+    Batch sizes are measured round-robin ``repeats`` times (so slow drifts of a noisy
+    machine hit all of them alike); the value per batch size is the median.
+    Returns (median per batch size, all samples per batch size).
+    """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    out: dict[int, float] = {}
+    samples: dict[int, list[float]] = {b: [] for b in batch_sizes}
     try:
-        for b in batch_sizes:
-            x = rng.standard_normal((b, *in_dims), dtype=np.float32)
-            feed = {"INPUT0": x}
-            for _ in range(warmup_iters):
-                sess.run(["OUTPUT0"], feed)
-            n, t0 = 0, time.perf_counter()
-            while True:
-                sess.run(["OUTPUT0"], feed)
-                n += 1
-                el = time.perf_counter() - t0
-                if (el >= seconds and n >= min_iters) or el >= 4 * seconds:
-                    break
-            out[b] = n * b / el
+        feeds = {b: {"INPUT0": rng.standard_normal((b, *in_dims), dtype=np.float32)} for b in batch_sizes}
+        for _ in range(max(1, repeats)):
+            for b in batch_sizes:
+                feed = feeds[b]
+                for _ in range(warmup_iters):
+                    sess.run(["OUTPUT0"], feed)
+                n, t0 = 0, time.perf_counter()
+                while True:
+                    sess.run(["OUTPUT0"], feed)
+                    n += 1
+                    el = time.perf_counter() - t0
+                    if (el >= seconds and n >= min_iters) or el >= 4 * seconds:
+                        break
+                samples[b].append(n * b / el)
     finally:
         del sess
         gc.collect()
-    return out
+    return {b: float(np.median(v)) for b, v in samples.items()}, samples
+
+
+def nearest_batch(avg: float, batches: list[int]) -> int:
+    """Measured batch size closest to ``avg`` on a log scale."""
+    return min(batches, key=lambda b: abs(np.log(b) - np.log(max(avg, 1e-9))))
 
 
 def ort_reference(path: Path, x: np.ndarray) -> np.ndarray:
@@ -447,6 +459,11 @@ class LevelResult:
     executions: int | None = None
     ceiling: float | None = None
     ratio_to_ceiling: float | None = None
+    # raw ORT at the measured batch size nearest the server's average batch: separates
+    # "the scheduler forms small batches" from "per-request overhead"
+    ort_batch_near_avg: int | None = None
+    ratio_to_ort_at_avg_batch: float | None = None
+    ratio_to_ceiling_recheck: float | None = None
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -631,10 +648,11 @@ def print_ceiling(ceilings: dict[str, dict[int, float]]) -> None:
 
 
 def print_results(results: list[LevelResult]) -> None:
-    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "srv CPU ms/req",
+    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "ratio@avg b", "srv CPU ms/req",
             "cli CPU ms/req", "srv cores", "cli cores", "machine busy", "errors"]
     rows = [[r.model, str(r.concurrency), f"{r.throughput_rps:,.1f}", f"{r.infer_per_s:,.1f}", _f(r.p50_ms, "{:.2f}"),
              _f(r.p99_ms, "{:.2f}"), _f(r.ratio_to_ceiling, "{:.3f}"), _f(r.avg_batch_size, "{:.2f}"),
+             _f(r.ratio_to_ort_at_avg_batch, "{:.3f}"),
              _f(r.server_cpu_ms_per_req, "{:.3f}"), _f(r.client_cpu_ms_per_req, "{:.3f}"), _f(r.server_cpu_util, "{:.2f}"),
              _f(r.client_cpu_util, "{:.2f}"), f"{r.machine_busy_pct:.0f}%", str(r.errors)] for r in results]
     if _console is None:
@@ -673,6 +691,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cnn-ort-batches", type=_int_list, default=[1, 2, 4, 8, 16])
     ap.add_argument("--mlp-ort-batches", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--ort-seconds", type=float, default=3.0, help="timed seconds per batch size for the ceiling")
+    ap.add_argument("--ort-repeats", type=int, default=2,
+                    help="round-robin passes over the batch sizes; median per batch size (default: %(default)s)")
     ap.add_argument("--skip-ceiling-recheck", action="store_true",
                     help="don't re-measure the CNN ceiling after the server run (noise check)")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
@@ -749,8 +769,10 @@ def main(argv: list[str] | None = None) -> int:
             secs = args.ort_seconds if m == "cnn" else max(0.5, args.ort_seconds / 3)
             log(f"measuring raw onnxruntime for {m}, batch sizes {ort_batches[m]} ({secs:.1f}s each)")
             _, in_dims, _, _ = model_builder.MODELS[m]
-            ceilings[m] = measure_ort(paths[m], in_dims, ort_batches[m], secs,
-                                      warmup_iters=3 if m == "cnn" else 50, min_iters=5)
+            ceilings[m], samples = measure_ort(paths[m], in_dims, ort_batches[m], secs,
+                                               warmup_iters=3 if m == "cnn" else 50, min_iters=5,
+                                               repeats=args.ort_repeats)
+            report.setdefault("ceiling_samples", {})[m] = {str(b): v for b, v in samples.items()}
         report["ceiling"] = {m: {str(b): v for b, v in d.items()} for m, d in ceilings.items()}
         print_ceiling(ceilings)
 
@@ -760,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--host", "127.0.0.1"]
         try:
             help_text = subprocess.run([args.python, "-m", args.server_module, "serve", "--help"], capture_output=True,
-                                       text=True, timeout=60).stdout
+                                       text=True, timeout=60, env=dict(os.environ, COLUMNS="300", TERM="dumb")).stdout
         except (subprocess.TimeoutExpired, OSError):
             help_text = ""
         if "--grpc-port" in help_text and not any(a.startswith("--grpc-port") for a in args.server_arg):
@@ -802,6 +824,10 @@ def main(argv: list[str] | None = None) -> int:
                                         timeout=args.request_timeout, max_errors=args.max_errors)
                     r.ceiling = best
                     r.ratio_to_ceiling = r.infer_per_s / best
+                    if r.avg_batch_size:
+                        nb = nearest_batch(r.avg_batch_size, list(ceilings[m]))
+                        r.ort_batch_near_avg = nb
+                        r.ratio_to_ort_at_avg_batch = r.infer_per_s / ceilings[m][nb]
                     out.append(r)
                     log(f"  {r.throughput_rps:,.1f} req/s  p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  "
                         f"ratio {r.ratio_to_ceiling:.3f}  avg batch {_f(r.avg_batch_size, '{:.2f}')}  errors {r.errors}")
@@ -818,10 +844,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if "cnn" in models and not args.skip_ceiling_recheck:
             best_b = max(ceilings["cnn"], key=ceilings["cnn"].get)
-            again = measure_ort(paths["cnn"], model_builder.CNN_INPUT_SHAPE, [best_b], args.ort_seconds, 3, 5)[best_b]
+            again = measure_ort(paths["cnn"], model_builder.CNN_INPUT_SHAPE, [best_b], args.ort_seconds, 3, 5)[0][best_b]
             report["ceiling_recheck"] = {"batch": best_b, "samples_per_s": again}
             log(f"CNN ceiling re-check after the server run: batch {best_b}: {again:,.1f}/s "
                 f"(before: {ceilings['cnn'][best_b]:,.1f}/s) -- machine noise indicator")
+            for r in results:
+                if r.model == "cnn":
+                    r.ratio_to_ceiling_recheck = r.infer_per_s / again
+                    log(f"  cnn conc {r.concurrency}: ratio {r.ratio_to_ceiling:.3f} to the ceiling, "
+                        f"{r.ratio_to_ceiling_recheck:.3f} to the re-check")
+            report["results"] = [asdict(r) for r in results]
 
         print_ceiling(ceilings)
         print_results(results)

@@ -366,9 +366,14 @@ class Scheduler:
         self._idle_event.clear()
         outputs = _union(entries)
         job = worker.executor.submit(_execute, worker.instance, entries, outputs, size)
-        job.add_done_callback(
-            lambda fut: self._loop.call_soon_threadsafe(self._finish, worker, entries, size, fut)
-        )
+        job.add_done_callback(lambda fut: self._finish_threadsafe(worker, entries, size, fut))
+
+    def _finish_threadsafe(self, worker: _Worker, entries: list[_Entry], size: int, job: ThreadFuture) -> None:
+        """Runs on the instance thread: hand the finished batch back to the loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._finish, worker, entries, size, job)
+        except RuntimeError:  # the loop is closed: the process is exiting, nobody waits
+            pass
 
     def _finish(self, worker: _Worker, entries: list[_Entry], size: int, job: ThreadFuture) -> None:
         self._idle.append(worker)

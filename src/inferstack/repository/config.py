@@ -212,8 +212,9 @@ def config_to_dict(message: Any) -> dict[str, Any]:
         value = getattr(message, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
+            # JSON object keys are strings (priority_queue_policy has int keys).
             out[field.name] = {
-                key: _field_value(value_field, item) for key, item in value.items()
+                str(key): _field_value(value_field, item) for key, item in value.items()
             }
         elif _is_repeated(field):
             out[field.name] = [_field_value(field, item) for item in value]

@@ -202,6 +202,13 @@ def _from_binary(buffer: memoryview, shape: tuple[int, ...], datatype: str, name
     for dim in shape:
         count *= dim
     if datatype == "BYTES":
+        # Every element takes at least its 4-byte length prefix: refuse a shape
+        # the data cannot fill before allocating an array for ``count`` elements.
+        if count * 4 > len(buffer):
+            raise _fail(
+                f"input {name!r}: shape {list(shape)} of BYTES needs at least {count * 4} "
+                f"bytes (4 per element), binary_data_size is {len(buffer)}"
+            )
         return deserialize_bytes_tensor(buffer, count, name).reshape(shape)
     dtype = numpy_dtype(datatype)
     if count * dtype.itemsize != len(buffer):

@@ -20,12 +20,13 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from inferstack import __version__
 from inferstack.core.errors import (
+    CancelledError,
     InferenceServerError,
     InvalidArgumentError,
     NotFoundError,
@@ -112,11 +113,16 @@ class HttpApi:
                 raise PayloadTooLargeError(f"request body of {length} bytes exceeds the limit of {limit} bytes")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise CancelledError(
+                f"client disconnected after sending {size} bytes of the request body"
+            ) from None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):

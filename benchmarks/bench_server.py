@@ -111,6 +111,12 @@ def self_cpu() -> float:
     return t.user + t.system
 
 
+def other_cores(c0: float, m0: tuple[float, float], t0: float) -> float:
+    """Average cores used by everything but this process since (self_cpu, machine_cpu, perf_counter) = c0, m0, t0."""
+    m1, el = machine_cpu(), time.perf_counter() - t0
+    return (m1[0] - m0[0]) / CLK_TCK / el - (self_cpu() - c0) / el
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) jiffies summed over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -455,6 +461,7 @@ class LevelResult:
     server_cpu_util: float | None  # cores
     client_cpu_util: float  # cores
     machine_busy_pct: float
+    other_cores: float  # CPU used by processes other than server and client: noise indicator
     avg_batch_size: float | None = None
     executions: int | None = None
     ceiling: float | None = None
@@ -573,6 +580,7 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
         server_cpu_util=((s1 - s0) / el) if s0 is not None else None,
         client_cpu_util=(c1 - c0) / el,
         machine_busy_pct=100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
+        other_cores=(m1[0] - m0[0]) / CLK_TCK / el - (c1 - c0) / el - (((s1 - s0) / el) if s0 is not None else 0.0),
         error_samples=err_samples,
     )
     if stats0 and stats1:
@@ -649,12 +657,13 @@ def print_ceiling(ceilings: dict[str, dict[int, float]]) -> None:
 
 def print_results(results: list[LevelResult]) -> None:
     cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "ratio@avg b", "srv CPU ms/req",
-            "cli CPU ms/req", "srv cores", "cli cores", "machine busy", "errors"]
+            "cli CPU ms/req", "srv cores", "cli cores", "other cores", "machine busy", "errors"]
     rows = [[r.model, str(r.concurrency), f"{r.throughput_rps:,.1f}", f"{r.infer_per_s:,.1f}", _f(r.p50_ms, "{:.2f}"),
              _f(r.p99_ms, "{:.2f}"), _f(r.ratio_to_ceiling, "{:.3f}"), _f(r.avg_batch_size, "{:.2f}"),
              _f(r.ratio_to_ort_at_avg_batch, "{:.3f}"),
              _f(r.server_cpu_ms_per_req, "{:.3f}"), _f(r.client_cpu_ms_per_req, "{:.3f}"), _f(r.server_cpu_util, "{:.2f}"),
-             _f(r.client_cpu_util, "{:.2f}"), f"{r.machine_busy_pct:.0f}%", str(r.errors)] for r in results]
+             _f(r.client_cpu_util, "{:.2f}"), _f(r.other_cores, "{:.2f}"), f"{r.machine_busy_pct:.0f}%", str(r.errors)]
+            for r in results]
     if _console is None:
         print(*cols, sep="\t")
         for r in rows:
@@ -769,9 +778,15 @@ def main(argv: list[str] | None = None) -> int:
             secs = args.ort_seconds if m == "cnn" else max(0.5, args.ort_seconds / 3)
             log(f"measuring raw onnxruntime for {m}, batch sizes {ort_batches[m]} ({secs:.1f}s each)")
             _, in_dims, _, _ = model_builder.MODELS[m]
+            c0, m0, t0 = self_cpu(), machine_cpu(), time.perf_counter()
             ceilings[m], samples = measure_ort(paths[m], in_dims, ort_batches[m], secs,
                                                warmup_iters=3 if m == "cnn" else 50, min_iters=5,
                                                repeats=args.ort_repeats)
+            other = other_cores(c0, m0, t0)
+            report.setdefault("ceiling_other_cores", {})[m] = other
+            if other > 0.2:
+                log(f"[yellow]other processes used {other:.2f} cores while measuring the {m} ceiling: "
+                    "the machine is busy, numbers are noisy[/yellow]")
             report.setdefault("ceiling_samples", {})[m] = {str(b): v for b, v in samples.items()}
         report["ceiling"] = {m: {str(b): v for b, v in d.items()} for m, d in ceilings.items()}
         print_ceiling(ceilings)
@@ -844,8 +859,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "cnn" in models and not args.skip_ceiling_recheck:
             best_b = max(ceilings["cnn"], key=ceilings["cnn"].get)
+            c0, m0, t0 = self_cpu(), machine_cpu(), time.perf_counter()
             again = measure_ort(paths["cnn"], model_builder.CNN_INPUT_SHAPE, [best_b], args.ort_seconds, 3, 5)[0][best_b]
-            report["ceiling_recheck"] = {"batch": best_b, "samples_per_s": again}
+            report["ceiling_recheck"] = {"batch": best_b, "samples_per_s": again, "other_cores": other_cores(c0, m0, t0)}
             log(f"CNN ceiling re-check after the server run: batch {best_b}: {again:,.1f}/s "
                 f"(before: {ceilings['cnn'][best_b]:,.1f}/s) -- machine noise indicator")
             for r in results:

@@ -53,7 +53,8 @@ class ServerProcess:
             raise
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _wait(self, path: str, timeout: float) -> None:
@@ -91,7 +92,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.process.returncode
 
 

@@ -324,4 +324,6 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidArgumentError(f"body is not valid {encoding} data: {exc}") from None
     if len(data) > limit or decompressor.unconsumed_tail:
         raise PayloadTooLargeError(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not decompressor.eof:
+        raise InvalidArgumentError(f"body is not valid {encoding} data: the compressed stream is truncated")
     return data

@@ -20,3 +20,12 @@ fi
 # model_config.proto declares no service, so its *_pb2_grpc.py is an empty
 # stub (that still imports grpc); drop it.
 rm -f src/inferstack/_proto/model_config_pb2_grpc.py
+
+# Register our descriptors in a private pool (see _pool.py) rather than
+# protobuf's default one, so tritonclient.grpc can be imported beside us.
+for module in src/inferstack/_proto/*_pb2.py; do
+    sed -i \
+        -e 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/DESCRIPTOR = _pool.POOL.AddSerializedFile(/' \
+        -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$/from inferstack._proto import _pool/' \
+        "$module"
+done

@@ -154,6 +154,34 @@ def test_batcher_waits_for_the_queue_delay_then_sends_what_it_has():
     run(main())
 
 
+def test_request_larger_than_every_preferred_size_still_runs():
+    async def main():
+        gate = threading.Event()
+        instance = GatedInstance(gate)
+        scheduler = make(batching(preferred_batch_sizes=(2,), max_queue_delay_us=10_000), instance)
+        blocker = scheduler.submit({"INPUT0": rows(0, 1)}, ["OUTPUT0"], batch_size=1)
+        await wait_started(instance)
+        big = scheduler.submit({"INPUT0": rows(10, 3)}, ["OUTPUT0"], batch_size=3)
+        gate.set()
+        await blocker
+        result = await big
+        np.testing.assert_array_equal(result["OUTPUT0"], rows(10, 3) * 2)
+        await scheduler.close()
+
+    run(main())
+
+
+def test_zero_bounds_mean_unbounded():
+    async def main():
+        instance = GatedInstance()
+        scheduler = make(SchedulerConfig(model="m", max_batch_size=8, server_max_queue_size=0), instance)
+        futures = [scheduler.submit({"INPUT0": rows(i, 1)}, ["OUTPUT0"], batch_size=1) for i in range(50)]
+        await asyncio.gather(*futures)
+        await scheduler.close()
+
+    run(main())
+
+
 def test_full_queue_rejects_at_once_with_retry_after():
     async def main():
         gate = threading.Event()
@@ -236,6 +264,19 @@ def test_request_timeout_parameter_overrides_only_when_allowed():
         gate.set()
         await running
         await allowed.close()
+
+        # A request may shorten the default but never lengthen it.
+        gate.clear()
+        instance.started.clear()
+        policy = QueuePolicy(default_timeout_us=1000, allow_timeout_override=True)
+        capped = make(batching(default_policy=policy), instance)
+        running = capped.submit({"INPUT0": rows(0, 1)}, ["OUTPUT0"], batch_size=1)
+        await wait_started(instance)
+        with pytest.raises(RequestTimeoutError):
+            await capped.submit({"INPUT0": rows(1, 1)}, ["OUTPUT0"], batch_size=1, timeout_us=60_000_000)
+        gate.set()
+        await running
+        await capped.close()
 
     run(main())
 

@@ -75,6 +75,8 @@ def test_unknown_field_is_named():
         ("max_batch_size: 4 dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
          "default_priority_level 3"),
         ("model_transaction_policy { decoupled: true }", "decoupled"),
+        ("max_batch_size: 4 sequence_batching { }", "sequence_batching"),
+        ('input [ { name: "A" data_type: TYPE_BF16 dims: [ 1 ] } ]', "TYPE_BF16"),
     ],
 )
 def test_semantic_errors(text, message):
@@ -84,9 +86,9 @@ def test_semantic_errors(text, message):
 
 
 def test_fields_we_do_not_act_on_are_reported():
-    config = parse_config_text("max_batch_size: 4 sequence_batching { } model_warmup [ { name: \"w\" } ]", "cfg")
+    config = parse_config_text("max_batch_size: 4 response_cache { enable: true } model_warmup [ { name: \"w\" } ]", "cfg")
     warnings = validate_config(config, "m", "cfg")
-    assert any("sequence_batching" in w for w in warnings)
+    assert any("response_cache" in w for w in warnings)
     assert any("model_warmup" in w for w in warnings)
 
 

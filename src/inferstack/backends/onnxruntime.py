@@ -95,7 +95,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         intra = _int_parameter(config, "intra_op_thread_count")
         inter = _int_parameter(config, "inter_op_thread_count")
-        cores = os.cpu_count() or 1
+        cores = _usable_cores()
         options.intra_op_num_threads = intra if intra else max(1, cores // max(1, instance.total_instances))
         if inter:
             options.inter_op_num_threads = inter
@@ -166,6 +166,22 @@ def _complete_tensors(
                         f"{what} {tensor.name!r}: config dims {config_dims} do not match the "
                         f"model's {'non-batch ' if batch else ''}shape {model_dims}"
                     )
+    if what == "input":
+        # Outputs may be a subset; every model input must be declared, or
+        # requests could never supply it.
+        undeclared = sorted(set(by_name) - {tensor.name for tensor in declared})
+        if undeclared:
+            raise ModelConfigError(
+                f"the model's inputs {undeclared} are not declared in the config"
+            )
+
+
+def _usable_cores() -> int:
+    """CPUs this process may run on (affinity-aware, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 def _int_parameter(config: mc.ModelConfig, key: str) -> int:

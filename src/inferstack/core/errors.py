@@ -50,6 +50,13 @@ class UnavailableError(InferenceServerError):
     grpc_code = "UNAVAILABLE"
 
 
+class ModelLoadError(InferenceServerError):
+    """A load or reload requested through the API failed (Triton answers 400)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class RequestTimeoutError(UnavailableError):
     """A request waited in the queue past its timeout."""
 

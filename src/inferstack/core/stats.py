@@ -25,6 +25,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+#: Why a request failed: bad input, queue full, queue timeout, client gone, backend error.
+FAILURE_REASONS: tuple[str, ...] = ("invalid", "rejected", "timeout", "canceled", "backend")
+
+
 @dataclass(slots=True)
 class Duration:
     """A count of events and their summed duration in nanoseconds."""
@@ -84,7 +88,8 @@ class ModelStats:
         self.execution_count = 0  # backend executions (one per batch)
         self.last_inference_ms = 0
         self.batches: dict[int, BatchStats] = {}
-        self.failures: Counter[str] = Counter()  # reason -> count
+        # reason -> count; every reason starts at 0 so its series exists from the start.
+        self.failures: Counter[str] = Counter(dict.fromkeys(FAILURE_REASONS, 0))
         self.request_seconds = Histogram(LATENCY_BUCKETS)
         self.queue_seconds = Histogram(LATENCY_BUCKETS)
         self.compute_seconds = Histogram(LATENCY_BUCKETS)
@@ -96,9 +101,10 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
 
     def record_failure(self, ns: int, reason: str) -> None:
+        # Not in request_seconds: fast rejections would pull the latency
+        # percentiles down exactly when the server is overloaded.
         self.fail.add(ns)
         self.failures[reason] += 1
-        self.request_seconds.observe(ns / 1e9)
 
     def record_queue(self, ns: int) -> None:
         self.queue.add(ns)

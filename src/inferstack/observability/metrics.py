@@ -62,7 +62,7 @@ class ModelCollector(Collector):
             f"{PREFIX}_model_load_seconds", "Time the model version took to load.", labels=_LABELS
         )
         histograms: dict[str, tuple[str, list[tuple[list[str], Histogram]]]] = {
-            "request_duration_seconds": ("End-to-end request latency inside the server.", []),
+            "request_duration_seconds": ("Latency of successful requests inside the server.", []),
             "queue_duration_seconds": ("Time a request waited in the queue.", []),
             "compute_duration_seconds": ("Compute time of the batch a request ran in.", []),
             "batch_size": ("Samples per backend execution.", []),
@@ -82,12 +82,13 @@ class ModelCollector(Collector):
             pending.add_metric(labels, version.pending)
             scheduler = version.scheduler
             in_flight.add_metric(labels, scheduler.in_flight if scheduler is not None else 0)
-            state.add_metric(labels, 1 if version.state is ModelState.READY else 0)
             load_seconds.add_metric(labels, version.load_seconds)
             histograms["request_duration_seconds"][1].append((labels, stats.request_seconds))
             histograms["queue_duration_seconds"][1].append((labels, stats.queue_seconds))
             histograms["compute_duration_seconds"][1].append((labels, stats.compute_seconds))
             histograms["batch_size"][1].append((labels, stats.batch_size))
+        for version in self.manager.all_versions():
+            state.add_metric([version.name, version.version_str], 1 if version.state is ModelState.READY else 0)
         yield from (success, failure, inferences, executions, queue_us, compute_us,
                     pending, in_flight, state, load_seconds)
         for name, (doc, series) in histograms.items():

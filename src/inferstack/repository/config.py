@@ -98,8 +98,6 @@ def tensor_specs(tensors: Any) -> list[TensorSpec]:
 # Fields we parse but do not act on yet: the load still succeeds and the log
 # says what was ignored, so nobody believes a feature is on when it is not.
 _IGNORED_FIELDS = {
-    "sequence_batching": "sequence batching is not supported yet",
-    "ensemble_scheduling": "ensembles are not supported yet",
     "model_warmup": "model warmup is not supported yet",
     "response_cache": "the response cache is not supported yet",
     "batch_input": "batch inputs are not supported",
@@ -135,6 +133,8 @@ def validate_config(config: mc.ModelConfig, model_name: str, source: str) -> lis
             seen.add(tensor.name)
             if tensor.data_type == mc.TYPE_INVALID:
                 fail(f"{what} {tensor.name!r} has no data_type")
+            if tensor.data_type == mc.TYPE_BF16:
+                fail(f"{what} {tensor.name!r}: TYPE_BF16 is not supported (no numpy equivalent)")
             for dim in tensor.dims:
                 if dim == 0 or dim < -1:
                     fail(f"{what} {tensor.name!r} has invalid dims {list(tensor.dims)}")
@@ -147,6 +147,12 @@ def validate_config(config: mc.ModelConfig, model_name: str, source: str) -> lis
             fail(f"instance_group {group.name or ''!r} has negative count {group.count}")
     if config.model_transaction_policy.decoupled:
         fail("decoupled models (model_transaction_policy.decoupled) are not supported yet")
+    # Serving these with the plain scheduler would give wrong answers, not
+    # just slower ones: refuse them rather than warn.
+    if config.HasField("sequence_batching"):
+        fail("sequence_batching (stateful models) is not supported yet")
+    if config.HasField("ensemble_scheduling") or config.platform == "ensemble":
+        fail("ensembles are not supported yet")
     for field_name, why in _IGNORED_FIELDS.items():
         if _is_set(config, field_name):
             warnings.append(f"{source}: {field_name} ignored: {why}")

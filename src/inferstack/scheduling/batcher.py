@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -108,7 +109,8 @@ class _Level:
         self.queue: deque[_Entry] = deque()
         self.policy = policy
         self.live = 0
-        self.max_size = policy.max_queue_size or server_max
+        # 0 at both levels means unbounded.
+        self.max_size = policy.max_queue_size or server_max or sys.maxsize
 
 
 class _Worker:
@@ -194,8 +196,11 @@ class Scheduler:
         entry = _Entry(inputs, outputs, batch_size, future, level_index)
         policy = level.policy
         timeout = policy.default_timeout_us
-        if timeout_us is not None and (policy.allow_timeout_override or not timeout):
-            timeout = timeout_us
+        if timeout_us is not None:
+            if not timeout:
+                timeout = timeout_us  # no default: the request's own deadline applies
+            elif policy.allow_timeout_override:
+                timeout = min(timeout, timeout_us)  # may shorten, never lengthen (Triton)
         if timeout:
             entry.timer = self._loop.call_later(timeout / 1e6, self._expire, entry)
         future.add_done_callback(lambda _f, e=entry: self._on_future_done(e))
@@ -328,7 +333,11 @@ class Scheduler:
                         break
                     cut.append(entry)
                     size += entry.batch_size
-                return cut, size
+                if cut:
+                    return cut, size
+                # The oldest request alone is larger than the preferred size: no
+                # preferred batch can start with it, so send what is there.
+                return entries, total
         oldest = min(entry.enqueued_ns for entry in entries)
         deadline = oldest + self._delay_ns
         if now_ns >= deadline:

@@ -22,6 +22,7 @@ from inferstack.backends import backend_for
 from inferstack.core.errors import (
     InferenceServerError,
     InvalidArgumentError,
+    ModelLoadError,
     NotFoundError,
     UnavailableError,
 )
@@ -90,14 +91,18 @@ class ModelManager:
         log.info("startup: %d of %d models ready", ready, len(names))
 
     async def load(self, name: str, config_override: mc.ModelConfig | None = None) -> None:
-        """Load (or reload) a model; raises if it ends up with nothing serving."""
+        """Load (or reload) a model.
+
+        Raises ModelLoadError when anything failed — even if a previous
+        version keeps serving, the caller asked for a load that did not happen.
+        """
         check_model_name(name)
         model = self._models.setdefault(name, _Model(name))
         self._wanted.add(name)
         async with model.lock:
             await self._load_locked(model, config_override)
-        if not model.ready_versions():
-            raise UnavailableError(f"model {name!r} failed to load: {model.reason}")
+        if model.reason:
+            raise ModelLoadError(f"failed to load model {name!r}: {model.reason}")
 
     async def _load_locked(self, model: _Model, override: mc.ModelConfig | None) -> None:
         name = model.name
@@ -179,6 +184,7 @@ class ModelManager:
         if model.ready_versions():
             log.error("model %s: new configuration rejected, previous versions keep serving: %s",
                       model.name, reason)
+            model.reason = f"reload failed, previous configuration still serving: {reason}"
             return
         model.state = ModelState.UNAVAILABLE
         self._log_state(model.name, None, ModelState.UNAVAILABLE, reason)
@@ -273,6 +279,10 @@ class ModelManager:
             for name in self._wanted
         )
 
+    def all_versions(self) -> list[ModelVersion]:
+        """Every version the manager knows, loaded or failed."""
+        return [v for model in list(self._models.values()) for v in list(model.versions.values())]
+
     def loaded_versions(self) -> list[ModelVersion]:
         """Every version that holds a scheduler (for statistics and metrics)."""
         return [
@@ -301,6 +311,7 @@ class ModelManager:
                     "name": name,
                     "version": version.version_str,
                     "state": version.state.value,
-                    "reason": version.reason,
+                    # A failed reload leaves the old version READY: say so there.
+                    "reason": version.reason or model.reason,
                 })
         return rows

@@ -23,7 +23,6 @@ from inferstack.core.datatypes import datatype_of, numpy_dtype
 from inferstack.core.errors import (
     InferenceServerError,
     InvalidArgumentError,
-    NotFoundError,
     RequestTimeoutError,
     UnavailableError,
 )
@@ -297,8 +296,8 @@ class ModelVersion:
         """Run one request through the scheduler; failures are counted and re-raised."""
         started = time.perf_counter_ns()
         scheduler = self.scheduler
-        if scheduler is None:
-            raise NotFoundError(f"model {self.name!r} version {self.version} is not loaded")
+        if scheduler is None:  # unloaded between lookup and call: retrying will find the new one
+            raise UnavailableError(f"model {self.name!r} version {self.version} is not loaded", retry_after=1.0)
         try:
             inputs, outputs, batch_size = self._prepare(request)
             future = scheduler.submit(

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import platform
 import shutil
@@ -50,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn as model_builder  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A level during which other processes used more CPU than this is flagged as noisy.
+NOISY_OTHER_CORES = 0.25
 
 try:
     from rich.console import Console
@@ -114,7 +115,20 @@ def self_cpu() -> float:
 def other_cores(c0: float, m0: tuple[float, float], t0: float) -> float:
     """Average cores used by everything but this process since (self_cpu, machine_cpu, perf_counter) = c0, m0, t0."""
     m1, el = machine_cpu(), time.perf_counter() - t0
-    return (m1[0] - m0[0]) / CLK_TCK / el - (self_cpu() - c0) / el
+    return max(0.0, (m1[0] - m0[0]) / CLK_TCK / el - (self_cpu() - c0) / el)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15, window: float = 2.0) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` cores over ``window`` s.
+
+    Returns the other-process load of the last window."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        c0, m0, t0 = self_cpu(), machine_cpu(), time.perf_counter()
+        time.sleep(window)
+        other = other_cores(c0, m0, t0)
+        if other < threshold or time.monotonic() >= deadline:
+            return other
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -132,18 +146,21 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def measure_ort(path: Path, in_dims: tuple[int, ...], batch_sizes: list[int], seconds: float,
-                warmup_iters: int, min_iters: int, repeats: int = 1) -> tuple[dict[int, float], dict[int, list[float]]]:
+                warmup_iters: int, min_iters: int, repeats: int = 1
+                ) -> tuple[dict[int, float], dict[int, list[float]], dict[int, float]]:
     """Samples/s of a default-options CPU InferenceSession per batch size.
 
     Batch sizes are measured round-robin ``repeats`` times (so slow drifts of a noisy
     machine hit all of them alike); the value per batch size is the median.
-    Returns (median per batch size, all samples per batch size).
+    Returns (median samples/s per batch size, all samples/s per batch size,
+    median CPU ms per sample per batch size -- less sensitive to other load than samples/s).
     """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     samples: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    cpu_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
     try:
         feeds = {b: {"INPUT0": rng.standard_normal((b, *in_dims), dtype=np.float32)} for b in batch_sizes}
         for _ in range(max(1, repeats)):
@@ -151,7 +168,7 @@ def measure_ort(path: Path, in_dims: tuple[int, ...], batch_sizes: list[int], se
                 feed = feeds[b]
                 for _ in range(warmup_iters):
                     sess.run(["OUTPUT0"], feed)
-                n, t0 = 0, time.perf_counter()
+                n, t0, c0 = 0, time.perf_counter(), self_cpu()
                 while True:
                     sess.run(["OUTPUT0"], feed)
                     n += 1
@@ -159,10 +176,12 @@ def measure_ort(path: Path, in_dims: tuple[int, ...], batch_sizes: list[int], se
                     if (el >= seconds and n >= min_iters) or el >= 4 * seconds:
                         break
                 samples[b].append(n * b / el)
+                cpu_ms[b].append(1e3 * (self_cpu() - c0) / (n * b))
     finally:
         del sess
         gc.collect()
-    return {b: float(np.median(v)) for b, v in samples.items()}, samples
+    return ({b: float(np.median(v)) for b, v in samples.items()}, samples,
+            {b: float(np.median(v)) for b, v in cpu_ms.items()})
 
 
 def nearest_batch(avg: float, batches: list[int]) -> int:
@@ -471,6 +490,8 @@ class LevelResult:
     ort_batch_near_avg: int | None = None
     ratio_to_ort_at_avg_batch: float | None = None
     ratio_to_ceiling_recheck: float | None = None
+    # raw ORT CPU ms per sample at ort_batch_near_avg / server CPU ms per request (1.0 = no overhead)
+    cpu_efficiency: float | None = None
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -509,7 +530,7 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
     else:
         conns = [RawConnection(host, port, timeout) for _ in range(concurrency)]
 
-    state = {"recording": False, "stop": False, "errors": 0, "n": 0}
+    state = {"recording": False, "stop": False, "errors": 0}
     lat: list[int] = []
     err_samples: list[str] = []
     perf = time.perf_counter_ns
@@ -580,7 +601,8 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
         server_cpu_util=((s1 - s0) / el) if s0 is not None else None,
         client_cpu_util=(c1 - c0) / el,
         machine_busy_pct=100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
-        other_cores=(m1[0] - m0[0]) / CLK_TCK / el - (c1 - c0) / el - (((s1 - s0) / el) if s0 is not None else 0.0),
+        other_cores=max(0.0, (m1[0] - m0[0]) / CLK_TCK / el - (c1 - c0) / el
+                        - (((s1 - s0) / el) if s0 is not None else 0.0)),  # +-0.1: jiffy accounting
         error_samples=err_samples,
     )
     if stats0 and stats1:
@@ -637,18 +659,18 @@ def _f(v, fmt="{:.1f}") -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
 
 
-def print_ceiling(ceilings: dict[str, dict[int, float]]) -> None:
+def print_ceiling(ceilings: dict[str, dict[int, float]], cpu: dict[str, dict[int, float]]) -> None:
     rows = []
     for m, d in ceilings.items():
         best = max(d, key=d.get)
         for b, v in d.items():
-            rows.append((m, str(b), f"{v:,.1f}", "best" if b == best else ""))
+            rows.append((m, str(b), f"{v:,.1f}", f"{cpu[m][b]:.4g}", "best" if b == best else ""))
     if _console is None:
         for r in rows:
             print(*r)
         return
     t = Table(title="raw onnxruntime (in-process, default session options)")
-    for c in ("model", "batch", "samples/s", ""):
+    for c in ("model", "batch", "samples/s", "CPU ms/sample", ""):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(*r)
@@ -656,14 +678,18 @@ def print_ceiling(ceilings: dict[str, dict[int, float]]) -> None:
 
 
 def print_results(results: list[LevelResult]) -> None:
-    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "ratio@avg b", "srv CPU ms/req",
-            "cli CPU ms/req", "srv cores", "cli cores", "other cores", "machine busy", "errors"]
+    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "ratio@avg b",
+            "srv CPU ms/req", "CPU eff", "cli CPU ms/req", "srv cores", "cli cores", "other cores", "machine busy", "errors"]
     rows = [[r.model, str(r.concurrency), f"{r.throughput_rps:,.1f}", f"{r.infer_per_s:,.1f}", _f(r.p50_ms, "{:.2f}"),
              _f(r.p99_ms, "{:.2f}"), _f(r.ratio_to_ceiling, "{:.3f}"), _f(r.avg_batch_size, "{:.2f}"),
              _f(r.ratio_to_ort_at_avg_batch, "{:.3f}"),
-             _f(r.server_cpu_ms_per_req, "{:.3f}"), _f(r.client_cpu_ms_per_req, "{:.3f}"), _f(r.server_cpu_util, "{:.2f}"),
+             _f(r.server_cpu_ms_per_req, "{:.3f}"), _f(r.cpu_efficiency, "{:.2f}"),
+             _f(r.client_cpu_ms_per_req, "{:.3f}"), _f(r.server_cpu_util, "{:.2f}"),
              _f(r.client_cpu_util, "{:.2f}"), _f(r.other_cores, "{:.2f}"), f"{r.machine_busy_pct:.0f}%", str(r.errors)]
             for r in results]
+    for r, row in zip(results, rows):
+        if r.other_cores > NOISY_OTHER_CORES and _console is not None:
+            row[cols.index("other cores")] = f"[yellow]{row[cols.index('other cores')]}[/yellow]"
     if _console is None:
         print(*cols, sep="\t")
         for r in rows:
@@ -704,6 +730,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="round-robin passes over the batch sizes; median per batch size (default: %(default)s)")
     ap.add_argument("--skip-ceiling-recheck", action="store_true",
                     help="don't re-measure the CNN ceiling after the server run (noise check)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before measuring, wait up to SECONDS for other processes to go idle (shared machines)")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="raw asyncio keep-alive client (default) or httpx.AsyncClient")
     ap.add_argument("--work-dir", type=Path, default=None, help="model repository / logs here (default: temp dir)")
@@ -773,23 +801,31 @@ def main(argv: list[str] | None = None) -> int:
             log(f"built {m}: {paths[m]} ({paths[m].stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s")
 
         # 2. ceiling -------------------------------------------------------------------
+        if args.wait_quiet > 0:
+            log(f"waiting up to {args.wait_quiet:.0f}s for other processes to leave the CPUs idle")
+            other = wait_quiet(args.wait_quiet)
+            report["other_cores_at_start"] = other
+            log(("machine quiet" if other < 0.15 else "[yellow]machine still busy[/yellow]")
+                + f": other processes use {other:.2f} cores")
         ceilings: dict[str, dict[int, float]] = {}
+        ceiling_cpu: dict[str, dict[int, float]] = {}
         for m in models:
             secs = args.ort_seconds if m == "cnn" else max(0.5, args.ort_seconds / 3)
             log(f"measuring raw onnxruntime for {m}, batch sizes {ort_batches[m]} ({secs:.1f}s each)")
             _, in_dims, _, _ = model_builder.MODELS[m]
             c0, m0, t0 = self_cpu(), machine_cpu(), time.perf_counter()
-            ceilings[m], samples = measure_ort(paths[m], in_dims, ort_batches[m], secs,
+            ceilings[m], samples, ceiling_cpu[m] = measure_ort(paths[m], in_dims, ort_batches[m], secs,
                                                warmup_iters=3 if m == "cnn" else 50, min_iters=5,
                                                repeats=args.ort_repeats)
             other = other_cores(c0, m0, t0)
             report.setdefault("ceiling_other_cores", {})[m] = other
-            if other > 0.2:
+            if other > NOISY_OTHER_CORES:
                 log(f"[yellow]other processes used {other:.2f} cores while measuring the {m} ceiling: "
                     "the machine is busy, numbers are noisy[/yellow]")
             report.setdefault("ceiling_samples", {})[m] = {str(b): v for b, v in samples.items()}
         report["ceiling"] = {m: {str(b): v for b, v in d.items()} for m, d in ceilings.items()}
-        print_ceiling(ceilings)
+        report["ceiling_cpu_ms_per_sample"] = {m: {str(b): v for b, v in d.items()} for m, d in ceiling_cpu.items()}
+        print_ceiling(ceilings, ceiling_cpu)
 
         # 3. server --------------------------------------------------------------------
         http_port, metrics_port, grpc_port = free_ports(3)
@@ -832,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
                 for c in conc[m]:
                     if not server.alive():
                         raise RuntimeError(f"server died (exit code {server.proc.returncode})")
+                    if args.wait_quiet > 0:  # no load is running here, blocking the loop is harmless
+                        other = wait_quiet(args.wait_quiet)
+                        if other >= 0.15:
+                            log(f"[yellow]machine still busy: other processes use {other:.2f} cores[/yellow]")
                     log(f"{m}: concurrency {c}, {args.warmup:.0f}s warmup + {args.duration:.0f}s")
                     r = await run_level(host="127.0.0.1", port=http_port, model=m, x=inputs[m],
                                         out_elems=out_elems[m], concurrency=c, duration=args.duration,
@@ -843,9 +883,14 @@ def main(argv: list[str] | None = None) -> int:
                         nb = nearest_batch(r.avg_batch_size, list(ceilings[m]))
                         r.ort_batch_near_avg = nb
                         r.ratio_to_ort_at_avg_batch = r.infer_per_s / ceilings[m][nb]
+                        if r.server_cpu_ms_per_req:
+                            r.cpu_efficiency = ceiling_cpu[m][nb] * r.batch / r.server_cpu_ms_per_req
                     out.append(r)
                     log(f"  {r.throughput_rps:,.1f} req/s  p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  "
                         f"ratio {r.ratio_to_ceiling:.3f}  avg batch {_f(r.avg_batch_size, '{:.2f}')}  errors {r.errors}")
+                    if r.other_cores > NOISY_OTHER_CORES:
+                        log(f"  [yellow]other processes used {r.other_cores:.2f} cores during this level: "
+                            "noisy measurement[/yellow]")
                     for s in r.error_samples:
                         log(f"  [red]error sample: {s}[/red]")
             return out
@@ -863,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
             again = measure_ort(paths["cnn"], model_builder.CNN_INPUT_SHAPE, [best_b], args.ort_seconds, 3, 5)[0][best_b]
             report["ceiling_recheck"] = {"batch": best_b, "samples_per_s": again, "other_cores": other_cores(c0, m0, t0)}
             log(f"CNN ceiling re-check after the server run: batch {best_b}: {again:,.1f}/s "
-                f"(before: {ceilings['cnn'][best_b]:,.1f}/s) -- machine noise indicator")
+                f"(before: {ceilings['cnn'][best_b]:,.1f}/s; other processes: "
+                f"{report['ceiling_recheck']['other_cores']:.2f} cores) -- machine noise indicator")
             for r in results:
                 if r.model == "cnn":
                     r.ratio_to_ceiling_recheck = r.infer_per_s / again
@@ -871,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r.ratio_to_ceiling_recheck:.3f} to the re-check")
             report["results"] = [asdict(r) for r in results]
 
-        print_ceiling(ceilings)
+        print_ceiling(ceilings, ceiling_cpu)
         print_results(results)
         if any(r.errors for r in results) or report.get("validation_problems"):
             rc = 1

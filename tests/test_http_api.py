@@ -167,6 +167,14 @@ def test_health(client: httpx.Client) -> None:
     assert client.get("/v2/health/ready").status_code == 200
 
 
+def test_request_id_header(client: httpx.Client) -> None:
+    response = client.get("/v2/health/live", headers={"x-request-id": "trace-77"})
+    assert response.headers["x-request-id"] == "trace-77"
+    first = client.get("/v2").headers["x-request-id"]
+    second = client.get("/v2").headers["x-request-id"]
+    assert first and second and first != second
+
+
 # -- models ---------------------------------------------------------------------------------
 
 
@@ -310,11 +318,14 @@ def test_infer_output_subset(client: httpx.Client) -> None:
     assert [o["name"] for o in document["outputs"]] == ["OUTPUT1"]
     np.testing.assert_array_equal(outputs["OUTPUT1"], a - b)
 
-    body = {"inputs": [json_input("INPUT0", a), json_input("INPUT1", b)]}
-    document, outputs = decode_response(infer(client, "add_sub", body))
-    assert sorted(o["name"] for o in document["outputs"]) == ["OUTPUT0", "OUTPUT1"]
-    np.testing.assert_array_equal(outputs["OUTPUT0"], a + b)
-    np.testing.assert_array_equal(outputs["OUTPUT1"], a - b)
+    for requested in (None, []):  # no list, or an empty one: every output (as Triton does)
+        body = {"inputs": [json_input("INPUT0", a), json_input("INPUT1", b)]}
+        if requested is not None:
+            body["outputs"] = requested
+        document, outputs = decode_response(infer(client, "add_sub", body))
+        assert sorted(o["name"] for o in document["outputs"]) == ["OUTPUT0", "OUTPUT1"]
+        np.testing.assert_array_equal(outputs["OUTPUT0"], a + b)
+        np.testing.assert_array_equal(outputs["OUTPUT1"], a - b)
 
 
 def test_infer_mixed_binary_and_json_outputs(client: httpx.Client) -> None:
@@ -380,14 +391,14 @@ def test_datatype_round_trip(client: httpx.Client, datatype: str, mode: str) -> 
         assert y.tobytes() == x.tobytes()  # exact, -0.0 and extremes included
 
 
-@pytest.mark.xfail(strict=True, reason="BYTES elements that are not UTF-8 are mangled: the ONNX Runtime "
-                   "backend decodes them with errors='replace' before the session runs")
-def test_bytes_round_trip_non_utf8(client: httpx.Client) -> None:
+def test_bytes_that_are_not_utf8_are_refused_by_onnx_string_inputs(client: httpx.Client) -> None:
+    # ONNX Runtime's string tensors hold UTF-8 text: refuse, never mangle.
     x = np.empty((1, 3), dtype=np.object_)
-    x[0] = [b"\xff\xfe\x00", b"\x80", bytes(range(256))]
+    x[0] = [b"ok", b"\x80", bytes(range(256))]
     body, headers = binary_request([("INPUT0", x, "BYTES")], parameters={"binary_data_output": True})
-    _, outputs = decode_response(client.post("/v2/models/identity_bytes/infer", content=body, headers=headers))
-    assert outputs["OUTPUT0"].tolist() == x.tolist()
+    response = client.post("/v2/models/identity_bytes/infer", content=body, headers=headers)
+    assert response.status_code == 400
+    assert "INPUT0" in response.json()["error"] and "UTF-8" in response.json()["error"]
 
 
 def test_infer_mlp_binary(client: httpx.Client) -> None:
@@ -483,7 +494,10 @@ def test_all_model_stats(client: httpx.Client) -> None:
         ("mlp", "1"), ("add_sub", "1"), ("identity_nobatch", "1"), ("reshaped", "1"), ("slow", "1"),
         ("slow_small_queue", "1"), ("slow_timeout", "1"), ("versioned", "2"), ("versioned", "3"),
     }
-    assert listed == expected  # loaded versions only: nothing broken, not versioned/1
+    assert expected <= listed
+    # Loaded versions only: nothing that failed to load, not versioned/1 (outside the policy).
+    assert not {name for name, _ in listed} & {"broken_model", "broken_syntax", "wrong_config"}
+    assert ("versioned", "1") not in listed
 
 
 # -- repository index ------------------------------------------------------------------------------
@@ -556,7 +570,20 @@ def test_metrics(client: httpx.Client, server: ServerProcess) -> None:
     assert _metric(text, "inferstack_pending_requests", **mlp) == 0
     assert _metric(text, "inferstack_model_ready", model="versioned", version="2") == 1
     assert _metric(text, "process_resident_memory_bytes") > 0
-    assert 'model="broken_model"' not in text
+    # A version that failed to load is reported not ready, and has no request series.
+    assert _metric(text, "inferstack_model_ready", model="broken_model", version="1") == 0
+    assert 'inferstack_request_success_total{model="broken_model"' not in text
+
+
+def _wait_idle(server: ServerProcess, model: str) -> None:
+    """Until nothing is queued or executing for ``model`` (by the metrics)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        text = httpx.get(server.metrics_url, timeout=TIMEOUT).text
+        if _metric(text, "inferstack_inflight_requests", model=model, version="1") == 0:
+            return
+        assert time.monotonic() < deadline, f"requests for {model} still in flight after {TIMEOUT}s"
+        time.sleep(0.1)
 
 
 # -- concurrency ---------------------------------------------------------------------------------------
@@ -606,6 +633,50 @@ def test_concurrent_requests_get_their_own_answers(server: ServerProcess) -> Non
         np.testing.assert_allclose(outputs["OUTPUT0"], mlp_reference(inputs[i]), atol=1e-4, rtol=1e-5)
 
 
+def test_concurrent_mixed_shapes_and_outputs(server: ServerProcess) -> None:
+    """Concurrent requests that must not be batched together (different non-batch
+    shapes) or that ask for different outputs: each gets exactly its own answer."""
+    rng = np.random.default_rng(11)
+    cases: list[tuple[str, dict[str, Any], dict[str, np.ndarray]]] = []
+    for i in range(160):
+        kind = i % 4
+        if kind == 0:  # identity_fp32 has dims [-1]: widths differ from request to request
+            x = rng.standard_normal((int(rng.integers(1, 5)), int(rng.integers(1, 6)))).astype(np.float32)
+            cases.append(("identity_fp32", {"inputs": [json_input("INPUT0", x)]}, {"OUTPUT0": x}))
+        elif kind == 1:  # add_sub: one output, the other, or both
+            a = rng.standard_normal((int(rng.integers(1, 4)), 16)).astype(np.float32)
+            b = rng.standard_normal(a.shape).astype(np.float32)
+            expected = {"OUTPUT0": a + b, "OUTPUT1": a - b}
+            wanted = [["OUTPUT0"], ["OUTPUT1"], ["OUTPUT0", "OUTPUT1"]][i % 3]
+            body = {"inputs": [json_input("INPUT0", a), json_input("INPUT1", b)],
+                    "outputs": [{"name": name} for name in wanted]}
+            cases.append(("add_sub", body, {name: expected[name] for name in wanted}))
+        elif kind == 2:
+            x = rng.standard_normal((int(rng.integers(1, 4)), 2, 2)).astype(np.float32)
+            cases.append(("reshaped", {"inputs": [json_input("INPUT0", x)]}, {"OUTPUT0": x}))
+        else:
+            x = rng.standard_normal((2, 3)).astype(np.float32)
+            cases.append(("identity_nobatch", {"inputs": [json_input("INPUT0", x)]}, {"OUTPUT0": x}))
+
+    async def main() -> list[httpx.Response]:
+        limit = asyncio.Semaphore(48)
+        async with _async_client(server, 48) as client:
+            await _warm(client, 48)
+
+            async def one(model: str, body: dict[str, Any]) -> httpx.Response:
+                async with limit:
+                    return await client.post(f"/v2/models/{model}/infer", json=body)
+
+            return await asyncio.gather(*(one(model, body) for model, body, _ in cases))
+
+    for (model, _, expected), response in zip(cases, asyncio.run(main())):
+        document, outputs = decode_response(response)
+        assert document["model_name"] == model
+        assert sorted(outputs) == sorted(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(outputs[name], array)
+
+
 def _slow_input(i: int) -> np.ndarray:
     return np.array([[i, -i, i / 7, 1000 + i]], dtype=np.float32)
 
@@ -631,15 +702,19 @@ def _assert_identity(i: int, response: httpx.Response) -> None:
 
 
 def test_dynamic_batches_form(client: httpx.Client, server: ServerProcess) -> None:
-    before = stats(client, "slow")
-    results = asyncio.run(_burst(server, "slow", 64))
-    for i, response in results:
-        _assert_identity(i, response)
-    after = stats(client, "slow")
-    inferences = after["inference_count"] - before["inference_count"]
-    executions = after["execution_count"] - before["execution_count"]
-    assert inferences == 64
-    assert 1 <= executions < inferences, "no two requests were ever batched together"
+    for _attempt in range(3):  # a very busy machine might send a burst slowly; try again
+        before = stats(client, "slow")
+        results = asyncio.run(_burst(server, "slow", 64))
+        for i, response in results:
+            _assert_identity(i, response)
+        after = stats(client, "slow")
+        inferences = after["inference_count"] - before["inference_count"]
+        executions = after["execution_count"] - before["execution_count"]
+        assert inferences == 64
+        assert 1 <= executions <= inferences
+        if executions < inferences:
+            break
+    assert executions < inferences, "no two requests were ever batched together"
     assert max(entry["batch_size"] for entry in after["batch_stats"]) > 1
 
 
@@ -683,8 +758,30 @@ def test_queue_timeout_answers_503(client: httpx.Client, server: ServerProcess) 
         if timed_out:
             break
     assert timed_out, "no request timed out"
-    response = infer(client, "slow_timeout", {"inputs": [json_input("INPUT0", _slow_input(3))]})
+    # Afterwards it serves again. Its own queue timeout is 1 ms, which a request
+    # to the idle model may still miss on a very busy machine: allow retries.
+    _wait_idle(server, "slow_timeout")
+    for _attempt in range(20):
+        response = infer(client, "slow_timeout", {"inputs": [json_input("INPUT0", _slow_input(3))]})
+        if response.status_code != 503:
+            break
+        assert "timed out" in response.json()["error"]
     _assert_identity(3, response)
+
+
+def test_timed_out_requests_are_not_executed(client: httpx.Client, server: ServerProcess) -> None:
+    """A request answered 503 (timed out in the queue) must not cost an execution:
+    with batch-1 requests, samples inferred == requests that succeeded."""
+    _wait_idle(server, "slow_timeout")
+    before = stats(client, "slow_timeout")
+    succeeded = 0
+    for _attempt in range(3):
+        results = asyncio.run(_burst(server, "slow_timeout", 32, {"timeout": 1}))
+        succeeded += sum(response.status_code == 200 for _, response in results)
+    _wait_idle(server, "slow_timeout")
+    after = stats(client, "slow_timeout")
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == succeeded
+    assert after["inference_count"] - before["inference_count"] == succeeded
 
 
 def _raw_request(path: str, body: bytes) -> bytes:
@@ -714,17 +811,9 @@ def test_client_disconnects(client: httpx.Client, server: ServerProcess, model: 
         sock.close()
 
     assert client.get("/v2/health/live").status_code == 200
+    _wait_idle(server, model)  # nothing stays queued or executing for clients that are gone
     for i in range(3):
         response = infer(client, model, {"inputs": [json_input("INPUT0", _slow_input(100 + i))]})
         _assert_identity(100 + i, response)
-
-    # Nothing stays queued or executing for clients that are gone.
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        text = httpx.get(server.metrics_url, timeout=TIMEOUT).text
-        if _metric(text, "inferstack_inflight_requests", model=model, version="1") == 0:
-            break
-        assert time.monotonic() < deadline, "requests of disconnected clients still in flight"
-        time.sleep(0.1)
     log = server.log()[log_offset:]
     assert "Traceback" not in log, log

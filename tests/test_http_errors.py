@@ -87,11 +87,11 @@ for _ in range(100):  # nested within orjson's depth limit, beyond numpy's 64 di
 
 
 def _cases() -> Iterator[object]:
-    def case(id: str, *args: object, **kwargs: object) -> object:
-        return pytest.param(Case(*args, **kwargs), id=id)  # type: ignore[arg-type]
+    def case(case_id: str, *args: object, **kwargs: object) -> object:
+        return pytest.param(Case(*args, **kwargs), id=case_id)  # type: ignore[arg-type]
 
-    def body(id: str, model: str, document: object, status: int, *mentions: str) -> object:
-        return case(id, model, _json(document), status, tuple(mentions))
+    def body(case_id: str, model: str, document: object, status: int, *mentions: str) -> object:
+        return case(case_id, model, _json(document), status, tuple(mentions))
 
     add_sub_inputs = [
         _input("INPUT0", shape=(1, 16), data=[1.0] * 16),
@@ -125,6 +125,11 @@ def _cases() -> Iterator[object]:
     yield body("input-unknown", "add_sub", {"inputs": [*add_sub_inputs, _input("INPUT9", shape=(1, 16),
                data=[0.0] * 16)]}, 400, "'INPUT9'", "add_sub")
     yield body("input-required-missing", "add_sub", {"inputs": add_sub_inputs[:1]}, 400, "missing input 'INPUT1'")
+    yield body("input-parameters-not-an-object", "mlp", {"inputs": [_input(parameters="binary")]},
+               400, "'INPUT0'", "'parameters'")
+    yield body("input-shared-memory", "mlp",
+               {"inputs": [_input(data=None, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 256})]},
+               400, "'INPUT0'", "shared memory")
     yield body("input-neither-data-nor-binary", "mlp", {"inputs": [_input(data=None)]}, 400, "'INPUT0'", "'data'")
 
     # -- datatypes -----------------------------------------------------------------------
@@ -196,7 +201,17 @@ def _cases() -> Iterator[object]:
     yield body("data-negative-for-uint32", "identity_uint32",
                {"inputs": [_input(datatype="UINT32", shape=(1, 2), data=[5, -1])]}, 400, "'INPUT0'", "UINT32")
     yield body("data-2**63-for-int64", "identity_int64",
-               {"inputs": [_input(datatype="INT64", shape=(1, 1), data=[2**63])]}, 400, "'INPUT0'", "INT64")
+               {"inputs": [_input(datatype="INT64", shape=(1, 1), data=[2**63])]}, 400, "'INPUT0'", "range", "INT64")
+    yield body("data-1-and-2**63-for-int64", "identity_int64",
+               {"inputs": [_input(datatype="INT64", shape=(1, 2), data=[1, 2**63])]}, 400, "'INPUT0'", "range", "INT64")
+    yield body("data-negative-and-2**63-for-uint64", "identity_uint64",
+               {"inputs": [_input(datatype="UINT64", shape=(1, 2), data=[-1, 2**63])]},
+               400, "'INPUT0'", "range", "UINT64")
+    yield body("data-float-and-2**63-for-uint64", "identity_uint64",
+               {"inputs": [_input(datatype="UINT64", shape=(1, 2), data=[0.5, 2**63])]},
+               400, "'INPUT0'", "UINT64", "floats")
+    yield body("data-2**64-for-uint64", "identity_uint64",
+               {"inputs": [_input(datatype="UINT64", shape=(1, 1), data=[2**64])]}, 400, "'INPUT0'", "UINT64")
     yield body("data-2**70-for-int64", "identity_int64",
                {"inputs": [_input(datatype="INT64", shape=(1, 1), data=[2**70])]}, 400, "'INPUT0'", "INT64")
     yield body("data-ints-for-bool", "identity_bool",
@@ -248,6 +263,15 @@ def _cases() -> Iterator[object]:
     # -- outputs and parameters -----------------------------------------------------------
     yield body("output-unknown", "add_sub", {"inputs": add_sub_inputs, "outputs": [{"name": "OUTPUT7"}]},
                400, "'OUTPUT7'", "unknown output")
+    yield body("output-parameters-not-an-object", "mlp",
+               {"inputs": [_input()], "outputs": [{"name": "OUTPUT0", "parameters": [True]}]},
+               400, "'OUTPUT0'", "'parameters'")
+    yield body("output-shared-memory", "mlp",
+               {"inputs": [_input()], "outputs": [{"name": "OUTPUT0", "parameters": {"shared_memory_region": "r"}}]},
+               400, "'OUTPUT0'", "shared memory")
+    yield body("output-classification", "mlp",
+               {"inputs": [_input()], "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 3}}]},
+               400, "'OUTPUT0'", "classification")
     yield body("outputs-not-a-list", "mlp", {"inputs": [_input()], "outputs": {"name": "OUTPUT0"}}, 400, "'outputs'")
     yield body("output-without-name", "mlp", {"inputs": [_input()], "outputs": [{"parameters": {}}]},
                400, "outputs[0]", "'name'")
@@ -292,8 +316,8 @@ def _cases() -> Iterator[object]:
                headers={"Content-Encoding": "br"})
 
 
-def _case_param(id: str, case: Case) -> object:
-    return pytest.param(case, id=id)
+def _case_param(case_id: str, case: Case) -> object:
+    return pytest.param(case, id=case_id)
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def test_explicit_mode_loads_only_named_models_and_the_api_loads_more(start_serv
 
 def test_load_api_refused_outside_explicit_mode(server):
     response = httpx.post(f"{server.url}/v2/repository/models/mlp/load", timeout=30)
-    assert response.status_code == 503 and "explicit" in response.json()["error"]
+    assert response.status_code == 400 and "explicit" in response.json()["error"]
 
 
 def test_strict_model_config_refuses_models_without_config(start_server, tmp_path: Path):

@@ -228,8 +228,16 @@ class OnnxRuntimeInstance(ModelInstance):
         if self._string_inputs:
             feed = dict(inputs)
             for name in self._string_inputs & feed.keys():
-                # ORT wants str elements; the protocol carries bytes.
-                feed[name] = np.vectorize(_to_str, otypes=[object])(feed[name])
+                # ORT string tensors hold UTF-8 text (its Python API takes str);
+                # the protocol carries bytes. Refuse what cannot be text rather
+                # than silently replacing bytes.
+                try:
+                    feed[name] = np.vectorize(_to_str, otypes=[object])(feed[name])
+                except UnicodeDecodeError as exc:
+                    raise InvalidArgumentError(
+                        f"input {name!r}: element is not valid UTF-8 ({exc.reason} at byte "
+                        f"{exc.start}); ONNX Runtime string tensors hold UTF-8 text"
+                    ) from None
         try:
             results = self._session.run(outputs, feed)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
@@ -247,7 +255,7 @@ class OnnxRuntimeInstance(ModelInstance):
 
 
 def _to_str(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _to_bytes(value: Any) -> bytes:

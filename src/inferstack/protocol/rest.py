@@ -194,7 +194,8 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput] | None, dict[s
                 raise _fail(f"output {name!r}: 'binary_data' must be a boolean")
             binary[name] = parameters["binary_data"]
         outputs.append(RequestedOutput(name, parameters))
-    return outputs, binary
+    # An empty list, like none, asks for every output (as Triton does).
+    return outputs or None, binary
 
 
 def _from_binary(buffer: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
@@ -249,6 +250,14 @@ def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> n
             raise _fail(f"input {name!r}: BOOL 'data' must hold true/false values")
         return probe.reshape(shape)
     if dtype.kind in _INT_KINDS:
+        if kind == "f":
+            # numpy turns a mix of integers below and above 2**63 into float64;
+            # such data (UINT64 near its top) is still exact integers.
+            exact = _exact_integers(data, count)
+            if exact is not None:
+                if min(exact) < np.iinfo(dtype).min or max(exact) > np.iinfo(dtype).max:
+                    raise _fail(f"input {name!r}: a value in 'data' is outside the range of {datatype}")
+                return np.array(exact, dtype=dtype).reshape(shape)
         if kind not in _INT_KINDS:
             raise _fail(f"input {name!r}: {datatype} 'data' must hold integers, found {_kind_name(kind)}")
         info = np.iinfo(dtype)
@@ -257,6 +266,14 @@ def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> n
     elif kind not in "iuf":
         raise _fail(f"input {name!r}: {datatype} 'data' must hold numbers, found {_kind_name(kind)}")
     return probe.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(data: list[Any], count: int) -> list[int] | None:
+    """The flattened values of regular nested ``data`` if every one is an integer, else None."""
+    flat = np.asarray(data, dtype=np.object_).reshape(-1).tolist()
+    if len(flat) != count or not all(_is_int(value) for value in flat):
+        return None
+    return flat
 
 
 def _kind_name(kind: str) -> str:

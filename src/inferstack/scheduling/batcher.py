@@ -273,6 +273,9 @@ class Scheduler:
         entry.future.set_exception(
             RequestTimeoutError(f"model {self.config.model!r}: request timed out in the queue")
         )
+        # Out of the queue now, not when the done-callback runs: a dispatch in
+        # between must not execute a request whose client already has its error.
+        self._remove(entry)
 
     def _check_idle(self) -> None:
         if self._live == 0 and self._running == 0:
@@ -289,16 +292,16 @@ class Scheduler:
         """Queued entries in dispatch order; drops tombstones from the queue heads."""
         for level in self._levels:
             queue = level.queue
-            while queue and (queue[0].state != _QUEUED or queue[0].delayed):
+            while queue and not _waiting(queue[0], delayed=False):
                 queue.popleft()
             for entry in queue:
-                if entry.state == _QUEUED and not entry.delayed:
+                if _waiting(entry, delayed=False):
                     yield entry
         delayed = self._delayed
-        while delayed and delayed[0].state != _QUEUED:
+        while delayed and not _waiting(delayed[0], delayed=True):
             delayed.popleft()
         for entry in delayed:
-            if entry.state == _QUEUED:
+            if _waiting(entry, delayed=True):
                 yield entry
 
     def _next_batch(self, now_ns: int) -> tuple[list[_Entry], int] | int:
@@ -412,6 +415,15 @@ class Scheduler:
                 worker.instance.unload()
             except Exception:  # unloading must not stop the others from unloading
                 log.exception("model %s: instance %d failed to unload", self.config.model, worker.index)
+
+
+def _waiting(entry: _Entry, *, delayed: bool) -> bool:
+    """Still to be executed: queued, in this queue, and not cancelled by its client.
+
+    A cancelled future's done-callback runs one loop iteration later; checking
+    the future itself keeps a dispatch in between from executing it.
+    """
+    return entry.state == _QUEUED and entry.delayed == delayed and not entry.future.done()
 
 
 def _union(entries: list[_Entry]) -> list[str]:

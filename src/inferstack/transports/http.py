@@ -235,7 +235,8 @@ class HttpApi:
     def _require_explicit(self, action: str) -> None:
         mode = self.manager.options.model_control_mode
         if mode != "explicit":
-            raise UnavailableError(
+            # 400, not 503: retrying cannot help, the server's mode forbids it.
+            raise InvalidArgumentError(
                 f"explicit model {action} is not allowed in model control mode {mode!r}; "
                 "start the server with --model-control-mode explicit"
             )

@@ -573,6 +573,13 @@ def test_metrics(client: httpx.Client, server: ServerProcess) -> None:
     # A version that failed to load is reported not ready, and has no request series.
     assert _metric(text, "inferstack_model_ready", model="broken_model", version="1") == 0
     assert 'inferstack_request_success_total{model="broken_model"' not in text
+    # Every failure reason has a series from the start.
+    assert _metric(text, "inferstack_request_failure_total", reason="timeout", **mlp) >= 0
+    # Requests that never reach a model are counted by the HTTP layer.
+    assert client.post("/v2/models/no_such_model/infer", content=b"{}").status_code == 404
+    after = httpx.get(server.metrics_url, timeout=TIMEOUT).text
+    assert _metric(after, "inferstack_http_responses_total", endpoint="infer", code="404") >= 1
+    assert _metric(after, "inferstack_http_responses_total", endpoint="infer", code="200") >= 1
 
 
 def _wait_idle(server: ServerProcess, model: str) -> None:

@@ -99,7 +99,9 @@ class InferenceServer:
         metrics_server = None
         if s.allow_metrics:
             try:
-                metrics_server = start_metrics_server(create_registry(self.manager), s.host, s.metrics_port)
+                metrics_server = start_metrics_server(
+                    create_registry(self.manager, self.http_api.responses), s.host, s.metrics_port
+                )
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%d: %s", s.host, s.metrics_port, exc)
                 return 1

@@ -10,7 +10,7 @@ names and labels are listed in ``docs/metrics.md``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -98,9 +98,30 @@ class ModelCollector(Collector):
             yield family
 
 
-def create_registry(manager: ModelManager) -> CollectorRegistry:
+class HttpCollector(Collector):
+    """Exports HTTP responses by endpoint and status code."""
+
+    def __init__(self, responses: Mapping[tuple[str, int], int]) -> None:
+        self.responses = responses
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_http_responses",
+            "HTTP responses by endpoint and status code (including requests that never reach a model).",
+            labels=["endpoint", "code"],
+        )
+        for (endpoint, code), count in list(self.responses.items()):
+            family.add_metric([endpoint, str(code)], count)
+        yield family
+
+
+def create_registry(
+    manager: ModelManager, http_responses: Mapping[tuple[str, int], int] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ModelCollector(manager))
+    if http_responses is not None:
+        registry.register(HttpCollector(http_responses))
     registry.register(ProcessCollector(registry=None))
     return registry
 

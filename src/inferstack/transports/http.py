@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,10 +77,16 @@ class HttpApi:
         self.server_name = server_name
         #: Set while shutting down: readiness turns false before connections close.
         self.draining = False
+        #: (endpoint, status) -> responses sent; exported as inferstack_http_responses_total.
+        #: Counts what never reaches a model too: malformed bodies, unknown models, 413s.
+        self.responses: Counter[tuple[str, int]] = Counter()
 
     # -- plumbing ---------------------------------------------------------------------
 
     def handler(self, func: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        name = func.__name__
+        responses = self.responses
+
         async def endpoint(request: Request) -> Response:
             request_id = request.headers.get("x-request-id") or f"{_id_prefix}-{next(_ids)}"
             token = request_id_var.set(request_id)
@@ -96,6 +103,7 @@ class HttpApi:
             finally:
                 request_id_var.reset(token)
             response.headers["x-request-id"] = request_id
+            responses[(name, response.status_code)] += 1
             return response
 
         return endpoint

@@ -490,6 +490,11 @@ class LevelResult:
     ort_batch_near_avg: int | None = None
     ratio_to_ort_at_avg_batch: float | None = None
     ratio_to_ceiling_recheck: float | None = None
+    round: int = 0
+    # raw ORT at the best batch size measured right before and right after this level (mean),
+    # in the same process, with the server idle: the fairest side-by-side on a noisy machine
+    ceiling_paired: float | None = None
+    ratio_paired: float | None = None
     # raw ORT CPU ms per sample at ort_batch_near_avg / server CPU ms per request (1.0 = no overhead)
     cpu_efficiency: float | None = None
     error_samples: list[str] = field(default_factory=list)
@@ -678,10 +683,14 @@ def print_ceiling(ceilings: dict[str, dict[int, float]], cpu: dict[str, dict[int
 
 
 def print_results(results: list[LevelResult]) -> None:
-    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "avg batch", "ratio@avg b",
-            "srv CPU ms/req", "CPU eff", "cli CPU ms/req", "srv cores", "cli cores", "other cores", "machine busy", "errors"]
-    rows = [[r.model, str(r.concurrency), f"{r.throughput_rps:,.1f}", f"{r.infer_per_s:,.1f}", _f(r.p50_ms, "{:.2f}"),
-             _f(r.p99_ms, "{:.2f}"), _f(r.ratio_to_ceiling, "{:.3f}"), _f(r.avg_batch_size, "{:.2f}"),
+    cols = ["model", "conc", "req/s", "infer/s", "p50 ms", "p99 ms", "ratio", "ratio paired", "avg batch",
+            "ratio@avg b", "srv CPU ms/req", "CPU eff", "cli CPU ms/req", "srv cores", "cli cores", "other cores",
+            "machine busy", "errors"]
+    multi = any(r.round for r in results)
+    rows = [[r.model, f"{r.concurrency}" + (f" r{r.round + 1}" if multi else ""), f"{r.throughput_rps:,.1f}",
+             f"{r.infer_per_s:,.1f}", _f(r.p50_ms, "{:.2f}"),
+             _f(r.p99_ms, "{:.2f}"), _f(r.ratio_to_ceiling, "{:.3f}"), _f(r.ratio_paired, "{:.3f}"),
+             _f(r.avg_batch_size, "{:.2f}"),
              _f(r.ratio_to_ort_at_avg_batch, "{:.3f}"),
              _f(r.server_cpu_ms_per_req, "{:.3f}"), _f(r.cpu_efficiency, "{:.2f}"),
              _f(r.client_cpu_ms_per_req, "{:.3f}"), _f(r.server_cpu_util, "{:.2f}"),
@@ -728,6 +737,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ort-seconds", type=float, default=3.0, help="timed seconds per batch size for the ceiling")
     ap.add_argument("--ort-repeats", type=int, default=2,
                     help="round-robin passes over the batch sizes; median per batch size (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every model's concurrency levels this many times (default: %(default)s)")
+    ap.add_argument("--no-paired", action="store_true",
+                    help="don't measure raw ORT (best batch) right before/after each CNN level")
     ap.add_argument("--skip-ceiling-recheck", action="store_true",
                     help="don't re-measure the CNN ceiling after the server run (noise check)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -865,18 +878,33 @@ def main(argv: list[str] | None = None) -> int:
                     if not problems:
                         log(f"{m}: binary and JSON responses match onnxruntime")
                 best = max(ceilings[m].values())
-                for c in conc[m]:
+                best_b = max(ceilings[m], key=ceilings[m].get)
+                paired = m == "cnn" and not args.no_paired
+                _, in_dims, _, _ = model_builder.MODELS[m]
+
+                def ort_now() -> float:  # blocks the loop, but no load is running
+                    return measure_ort(paths[m], in_dims, [best_b], args.ort_seconds, 3, 5)[0][best_b]
+
+                levels = [(rnd, c) for rnd in range(args.rounds) for c in conc[m]]
+                mine: list[LevelResult] = []
+                pre: list[float] = []
+                for rnd, c in levels:
                     if not server.alive():
                         raise RuntimeError(f"server died (exit code {server.proc.returncode})")
                     if args.wait_quiet > 0:  # no load is running here, blocking the loop is harmless
                         other = wait_quiet(args.wait_quiet)
                         if other >= 0.15:
                             log(f"[yellow]machine still busy: other processes use {other:.2f} cores[/yellow]")
-                    log(f"{m}: concurrency {c}, {args.warmup:.0f}s warmup + {args.duration:.0f}s")
+                    if paired:
+                        pre.append(ort_now())
+                        log(f"{m}: raw onnxruntime now, batch {best_b}: {pre[-1]:,.1f}/s")
+                    log(f"{m}: concurrency {c}, {args.warmup:.0f}s warmup + {args.duration:.0f}s"
+                        + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))
                     r = await run_level(host="127.0.0.1", port=http_port, model=m, x=inputs[m],
                                         out_elems=out_elems[m], concurrency=c, duration=args.duration,
                                         warmup=args.warmup, client_kind=args.client, server_pid=server.pid,
                                         timeout=args.request_timeout, max_errors=args.max_errors)
+                    r.round = rnd
                     r.ceiling = best
                     r.ratio_to_ceiling = r.infer_per_s / best
                     if r.avg_batch_size:
@@ -886,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
                         if r.server_cpu_ms_per_req:
                             r.cpu_efficiency = ceiling_cpu[m][nb] * r.batch / r.server_cpu_ms_per_req
                     out.append(r)
+                    mine.append(r)
                     log(f"  {r.throughput_rps:,.1f} req/s  p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  "
                         f"ratio {r.ratio_to_ceiling:.3f}  avg batch {_f(r.avg_batch_size, '{:.2f}')}  errors {r.errors}")
                     if r.other_cores > NOISY_OTHER_CORES:
@@ -893,6 +922,17 @@ def main(argv: list[str] | None = None) -> int:
                             "noisy measurement[/yellow]")
                     for s in r.error_samples:
                         log(f"  [red]error sample: {s}[/red]")
+                if paired and mine:
+                    pre.append(ort_now())
+                    log(f"{m}: raw onnxruntime now, batch {best_b}: {pre[-1]:,.1f}/s")
+                    for i, r in enumerate(mine):
+                        r.ceiling_paired = (pre[i] + pre[i + 1]) / 2
+                        r.ratio_paired = r.infer_per_s / r.ceiling_paired
+                    for c in conc[m]:
+                        ratios = [r.ratio_paired for r in mine if r.concurrency == c]
+                        log(f"{m} concurrency {c}: ratio to raw onnxruntime measured just before/after "
+                            f"(batch {best_b}): " + ", ".join(f"{v:.3f}" for v in ratios)
+                            + (f"; median {np.median(ratios):.3f}" if len(ratios) > 1 else ""))
             return out
 
         results = run_async(drive())

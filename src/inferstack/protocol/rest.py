@@ -20,20 +20,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from inferstack.core.datatypes import (
-    DATATYPES,
-    datatype_of,
-    deserialize_bytes_tensor,
-    numpy_dtype,
-    serialize_bytes_tensor,
-)
+from inferstack.core.datatypes import DATATYPES, datatype_of, numpy_dtype
 from inferstack.core.errors import InvalidArgumentError, UnsupportedError
 from inferstack.core.types import InferenceRequest, InferenceResponse, RequestedOutput
+from inferstack.protocol.tensors import check_shape, is_int, tensor_from_bytes, tensor_to_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
 
-#: Refuse shapes claiming more elements than this, whatever the body holds.
-MAX_ELEMENTS = 1 << 40
 
 _INT_KINDS = "iu"
 
@@ -55,10 +48,6 @@ def _fail(message: str) -> InvalidArgumentError:
     return InvalidArgumentError(message)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -70,16 +59,7 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise _fail(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    count = 1
-    for dim in value:
-        if not _is_int(dim) or dim < 0:
-            raise _fail(f"input {name!r}: 'shape' {value!r} must hold non-negative integers")
-        count *= dim
-        if count > MAX_ELEMENTS:
-            raise _fail(f"input {name!r}: shape {value} claims more than {MAX_ELEMENTS} elements")
-    if len(value) > 32:
-        raise _fail(f"input {name!r}: shape {value} has more than 32 dimensions")
-    return tuple(value)
+    return check_shape(value, name)
 
 
 def decode_request(
@@ -112,7 +92,7 @@ def decode_request(
         raise _fail("'id' must be a string")
     parameters = _parameters(document.get("parameters"), "request")
     for key in ("priority", "timeout"):
-        if key in parameters and (not _is_int(parameters[key]) or parameters[key] < 0):
+        if key in parameters and (not is_int(parameters[key]) or parameters[key] < 0):
             raise _fail(f"request parameter {key!r} must be a non-negative integer")
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
@@ -143,7 +123,7 @@ def decode_request(
             raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported yet")
         size = input_parameters.get("binary_data_size")
         if size is not None:
-            if not _is_int(size) or size < 0:
+            if not is_int(size) or size < 0:
                 raise _fail(f"input {name!r}: 'binary_data_size' must be a non-negative integer")
             if "data" in item:
                 raise _fail(f"input {name!r} has both 'data' and 'binary_data_size'")
@@ -199,25 +179,7 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput] | None, dict[s
 
 
 def _from_binary(buffer: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
-    count = 1
-    for dim in shape:
-        count *= dim
-    if datatype == "BYTES":
-        # Every element takes at least its 4-byte length prefix: refuse a shape
-        # the data cannot fill before allocating an array for ``count`` elements.
-        if count * 4 > len(buffer):
-            raise _fail(
-                f"input {name!r}: shape {list(shape)} of BYTES needs at least {count * 4} "
-                f"bytes (4 per element), binary_data_size is {len(buffer)}"
-            )
-        return deserialize_bytes_tensor(buffer, count, name).reshape(shape)
-    dtype = numpy_dtype(datatype)
-    if count * dtype.itemsize != len(buffer):
-        raise _fail(
-            f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} "
-            f"bytes, binary_data_size is {len(buffer)}"
-        )
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return tensor_from_bytes(buffer, shape, datatype, name, source="binary_data_size")
 
 
 def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
@@ -271,7 +233,7 @@ def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> n
 def _exact_integers(data: list[Any], count: int) -> list[int] | None:
     """The flattened values of regular nested ``data`` if every one is an integer, else None."""
     flat = np.asarray(data, dtype=np.object_).reshape(-1).tolist()
-    if len(flat) != count or not all(_is_int(value) for value in flat):
+    if len(flat) != count or not all(is_int(value) for value in flat):
         return None
     return flat
 
@@ -288,11 +250,7 @@ def encode_response(response: InferenceResponse, output_format: OutputFormat) ->
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if output_format.is_binary(name):
-            raw = (
-                serialize_bytes_tensor(array)
-                if datatype == "BYTES"
-                else np.ascontiguousarray(array).tobytes()
-            )
+            raw = tensor_to_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":

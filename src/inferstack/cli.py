@@ -62,7 +62,9 @@ def serve(
     ],
     host: Annotated[str, typer.Option(help="Address to bind (use 127.0.0.1 for local-only).")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option(help="HTTP/REST port (KServe v2).", min=0, max=65535)] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (reserved; the gRPC endpoint comes next).", min=0, max=65535)] = 8001,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe v2 GRPCInferenceService).", min=0, max=65535)] = 8001,
+    allow_grpc: Annotated[bool, typer.Option("--allow-grpc/--no-allow-grpc", help="Serve gRPC.")] = True,
+    grpc_max_message_size: Annotated[int, typer.Option(help="Largest gRPC message in bytes, received or sent (RESOURCE_EXHAUSTED beyond).", min=1)] = 128 * 1024 * 1024,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.", min=0, max=65535)] = 8002,
     allow_metrics: Annotated[bool, typer.Option("--allow-metrics/--no-allow-metrics", help="Serve Prometheus metrics.")] = True,
     model_control_mode: Annotated[
@@ -87,7 +89,7 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
 ) -> None:
-    """Serve a model repository over HTTP (KServe v2 + Triton extensions) with Prometheus metrics."""
+    """Serve a model repository over HTTP and gRPC (KServe v2 + Triton extensions) with Prometheus metrics."""
     from inferstack.observability.logs import setup_logging
     from inferstack.server import ServerSettings, run_server
 
@@ -99,6 +101,8 @@ def serve(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         allow_metrics=allow_metrics,
+        allow_grpc=allow_grpc,
+        grpc_max_message_bytes=grpc_max_message_size,
         model_control_mode=model_control_mode.value,
         load_models=list(load_model or []),
         repository_poll_secs=repository_poll_secs,

@@ -1,6 +1,6 @@
 """The server process: wires the serving core to its transports and runs them.
 
-One asyncio event loop (uvloop) serves HTTP; Prometheus metrics are served
+One asyncio event loop (uvloop) serves HTTP and gRPC (``grpc.aio``); Prometheus metrics are served
 from their own thread on their own port; models load in the background so
 liveness answers at once and readiness turns true when the models meant to
 load are READY (what Kubernetes startup and readiness probes want).
@@ -25,7 +25,8 @@ import uvicorn
 
 from inferstack.observability.metrics import create_registry, start_metrics_server
 from inferstack.serving import ModelManager, ServerOptions
-from inferstack.transports.http import HttpApi, create_app
+from inferstack.transports.grpc import GrpcService, create_grpc_server
+from inferstack.transports.http import EXTENSIONS, HttpApi, create_app
 
 log = logging.getLogger("inferstack.server")
 
@@ -40,6 +41,8 @@ class ServerSettings:
     grpc_port: int = 8001
     metrics_port: int = 8002
     allow_metrics: bool = True
+    allow_grpc: bool = True
+    grpc_max_message_bytes: int = 128 * 1024 * 1024
     model_control_mode: str = "none"
     load_models: list[str] = field(default_factory=list)
     repository_poll_secs: float = 15.0
@@ -75,12 +78,14 @@ class InferenceServer:
         self.settings = settings
         self.manager = ModelManager(settings.manager_options())
         self.http_api = HttpApi(self.manager, max_body_bytes=settings.max_request_bytes)
+        self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS)
         self._stop = asyncio.Event()
 
     def request_shutdown(self) -> None:
         if not self._stop.is_set():
             log.info("shutting down: draining in-flight requests")
             self.http_api.draining = True
+            self.grpc_service.draining = True
             self._stop.set()
 
     async def run(self) -> int:
@@ -94,8 +99,6 @@ class InferenceServer:
         if s.model_control_mode == "poll":
             log.warning("model control mode 'poll': models load at start; watching the "
                         "repository for changes is not implemented yet")
-        log.info("gRPC port %d reserved; the gRPC endpoint is not implemented yet", s.grpc_port)
-
         metrics_server = None
         if s.allow_metrics:
             try:
@@ -105,6 +108,20 @@ class InferenceServer:
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%d: %s", s.host, s.metrics_port, exc)
                 return 1
+
+        grpc_server = None
+        if s.allow_grpc:
+            try:
+                grpc_server, bound = create_grpc_server(
+                    self.grpc_service, s.host, s.grpc_port, max_message_bytes=s.grpc_max_message_bytes
+                )
+                await grpc_server.start()
+            except (OSError, RuntimeError) as exc:
+                log.error("cannot serve gRPC on %s:%d: %s", s.host, s.grpc_port, exc)
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                return 1
+            log.info("gRPC on %s:%d", s.host, bound)
 
         http = _UvicornServer(
             uvicorn.Config(
@@ -124,6 +141,7 @@ class InferenceServer:
         loading = loop.create_task(self.manager.load_startup_models(), name="load-models")
         stop_task = loop.create_task(self._stop.wait())
         exit_code = 0
+        grpc_stopping: asyncio.Task[None] | None = None
         try:
             done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if http_task in done:
@@ -133,14 +151,22 @@ class InferenceServer:
                     http_task.result()
                 log.error("HTTP server stopped unexpectedly")
             else:
-                log.info("HTTP server: no longer accepting; waiting up to %.0fs for in-flight requests",
+                log.info("no longer accepting; waiting up to %.0fs for in-flight requests",
                          s.exit_timeout_secs)
                 http.should_exit = True
+                if grpc_server is not None:
+                    # Refuses new RPCs at once, lets running ones finish within the grace.
+                    grpc_stopping = loop.create_task(grpc_server.stop(s.exit_timeout_secs))
                 try:
                     await http_task
                 except SystemExit as exc:  # uvicorn exits on a startup failure
                     exit_code = exc.code if isinstance(exc.code, int) else 1
         finally:
+            if grpc_server is not None:
+                if grpc_stopping is None:
+                    grpc_stopping = loop.create_task(grpc_server.stop(0))
+                with contextlib.suppress(BaseException):
+                    await grpc_stopping
             stop_task.cancel()
             if not loading.done():
                 loading.cancel()

@@ -253,6 +253,19 @@ def config_from_dict(data: dict[str, Any], source: str) -> mc.ModelConfig:
     return config
 
 
+def parse_config_json(text: str | bytes, source: str) -> mc.ModelConfig:
+    """Parse a config given as JSON text (the ``config`` parameter of a load request)."""
+    import orjson
+
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ModelConfigError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ModelConfigError(f"{source}: must be a JSON object")
+    return config_from_dict(document, source)
+
+
 def parameter(config: mc.ModelConfig, key: str) -> str | None:
     """The ``string_value`` of a ``parameters`` entry, or None."""
     if key in config.parameters:

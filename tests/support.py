@@ -29,6 +29,8 @@ class ServerProcess:
     def __init__(self, repository: Path, *extra: str, log_path: Path, wait_ready: bool = True) -> None:
         self.http_port = free_port()
         self.metrics_port = free_port()
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
@@ -39,7 +41,7 @@ class ServerProcess:
             "--host", "127.0.0.1",
             "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
-            "--grpc-port", str(free_port()),
+            "--grpc-port", str(self.grpc_port),
             *extra,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

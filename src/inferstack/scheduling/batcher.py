@@ -167,6 +167,11 @@ class Scheduler:
         """Requests queued or executing."""
         return self._live + self._running
 
+    @property
+    def closing(self) -> bool:
+        """True once ``close`` started: ``submit`` refuses from then on."""
+        return self._closing
+
     def submit(
         self,
         inputs: dict[str, np.ndarray],
@@ -208,6 +213,15 @@ class Scheduler:
         level.live += 1
         self._live += 1
         self._idle_event.clear()
+        if self._idle and not self._delay_ns:
+            # An instance is free and nothing asks us to wait: dispatch from
+            # here rather than waking the scheduler task for it.
+            now = time.perf_counter_ns()
+            decision = self._next_batch(now)
+            if isinstance(decision, tuple):
+                self._dispatch(self._idle.pop(), decision[0], decision[1], now)
+                if not self._live:
+                    return future
         self._wakeup.set()
         return future
 
@@ -304,8 +318,12 @@ class Scheduler:
             if _waiting(entry, delayed=True):
                 yield entry
 
-    def _next_batch(self, now_ns: int) -> tuple[list[_Entry], int] | int:
-        """A batch ready to run, or the time (ns) at which to look again (0: nothing queued)."""
+    def _next_batch(self, now_ns: int, delay_over: bool = False) -> tuple[list[_Entry], int] | int:
+        """A batch ready to run, or the time (ns) at which to look again (0: nothing queued).
+
+        ``delay_over``: the batching timer has fired, so the batch is cut even
+        if the clock says the deadline is a few µs away (see ``_run``).
+        """
         entries: list[_Entry] = []
         total = 0
         full = False
@@ -343,29 +361,44 @@ class Scheduler:
                 return entries, total
         oldest = min(entry.enqueued_ns for entry in entries)
         deadline = oldest + self._delay_ns
-        if now_ns >= deadline:
+        if delay_over or now_ns >= deadline:
             return entries, total
         return deadline
 
     async def _run(self) -> None:
         loop = self._loop
         wakeup = self._wakeup
+        timer_fired = False
+
+        def on_timer() -> None:
+            nonlocal timer_fired
+            timer_fired = True
+            wakeup.set()
+
+        delay_over = False
         while True:
             if not self._idle or not self._live:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
             now = time.perf_counter_ns()
-            decision = self._next_batch(now)
+            decision = self._next_batch(now, delay_over)
             if isinstance(decision, tuple):
                 entries, size = decision
                 self._dispatch(self._idle.pop(), entries, size, now)
+                delay_over = False
                 continue
             wakeup.clear()
             if decision:  # wait for more requests, at most until the deadline
-                timer = loop.call_later((decision - now) / 1e9, wakeup.set)
+                # Event-loop timers have millisecond granularity (libuv), so a
+                # sub-millisecond delay can fire "early"; looping until the
+                # clock agrees would busy-wait. The delay is a maximum, so a
+                # fired timer means: cut now.
+                timer_fired = False
+                timer = loop.call_later((decision - now) / 1e9, on_timer)
                 await wakeup.wait()
                 timer.cancel()
+                delay_over = timer_fired
             else:
                 await wakeup.wait()
 

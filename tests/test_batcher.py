@@ -400,3 +400,27 @@ def test_close_drains_queued_work_then_refuses_new_requests():
         assert len(results) == 5
 
     run(main())
+
+
+def test_sub_millisecond_delay_does_not_busy_wait():
+    """uvloop timers have millisecond granularity: a 200 µs delay must not spin."""
+    import uvloop
+
+    async def main():
+        instance = GatedInstance()
+        scheduler = make(batching(max_batch_size=4, max_queue_delay_us=200), instance)
+        calls = 0
+        original = scheduler._next_batch
+
+        def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+
+        scheduler._next_batch = counting
+        for i in range(20):
+            await scheduler.submit({"INPUT0": rows(i, 1)}, ["OUTPUT0"], batch_size=1)
+        await scheduler.close()
+        assert calls <= 20 * 4, f"{calls} batching decisions for 20 requests: the scheduler spins"
+
+    uvloop.run(asyncio.wait_for(main(), 120))

@@ -67,6 +67,11 @@ def serve(
     grpc_max_message_size: Annotated[int, typer.Option(help="Largest gRPC message in bytes, received or sent (RESOURCE_EXHAUSTED beyond).", min=1)] = 128 * 1024 * 1024,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.", min=0, max=65535)] = 8002,
     allow_metrics: Annotated[bool, typer.Option("--allow-metrics/--no-allow-metrics", help="Serve Prometheus metrics.")] = True,
+    allow_client_shm: Annotated[
+        bool,
+        typer.Option("--allow-client-shm/--no-allow-client-shm",
+                     help="Let clients register system shared memory regions (any /dev/shm object the server may open; trusted clients only)."),
+    ] = False,
     model_control_mode: Annotated[
         ControlMode, typer.Option(help="none: load every model at start. explicit: load --load-model names, then load/unload via the API. poll: like none (watching comes next).")
     ] = ControlMode.none,
@@ -101,6 +106,7 @@ def serve(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         allow_metrics=allow_metrics,
+        allow_client_shm=allow_client_shm,
         allow_grpc=allow_grpc,
         grpc_max_message_bytes=grpc_max_message_size,
         model_control_mode=model_control_mode.value,

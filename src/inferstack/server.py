@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 
 from inferstack.observability.metrics import create_registry, start_metrics_server
+from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
 from inferstack.transports.grpc import GrpcService, create_grpc_server
 from inferstack.transports.http import EXTENSIONS, HttpApi, create_app
@@ -41,6 +42,8 @@ class ServerSettings:
     grpc_port: int = 8001
     metrics_port: int = 8002
     allow_metrics: bool = True
+    #: Triton's --allow-client-shm: register and use client system shared memory regions.
+    allow_client_shm: bool = False
     allow_grpc: bool = True
     grpc_max_message_bytes: int = 128 * 1024 * 1024
     model_control_mode: str = "none"
@@ -77,7 +80,10 @@ class InferenceServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.manager = ModelManager(settings.manager_options())
-        self.http_api = HttpApi(self.manager, max_body_bytes=settings.max_request_bytes)
+        self.shared_memory = SystemSharedMemory(enabled=settings.allow_client_shm)
+        self.http_api = HttpApi(
+            self.manager, max_body_bytes=settings.max_request_bytes, shared_memory=self.shared_memory
+        )
         self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS)
         self._stop = asyncio.Event()
 
@@ -173,6 +179,7 @@ class InferenceServer:
                 with contextlib.suppress(BaseException):
                     await loading
             await self.manager.shutdown()
+            self.shared_memory.unregister()
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()

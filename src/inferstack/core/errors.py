@@ -36,6 +36,15 @@ class NotFoundError(InferenceServerError):
     grpc_code = "NOT_FOUND"
 
 
+class AlreadyExistsError(InvalidArgumentError):
+    """The client tried to create something that exists (a shared memory region name).
+
+    400 over HTTP like Triton (which has no other code for it); ALREADY_EXISTS over gRPC.
+    """
+
+    grpc_code = "ALREADY_EXISTS"
+
+
 class PayloadTooLargeError(InferenceServerError):
     """The request body exceeds the configured limit."""
 

@@ -6,7 +6,9 @@ with ``parameters.binary_data_size`` take their data from that binary part,
 in order, decoded with ``np.frombuffer`` (no copy, no per-element loop).
 Outputs are returned as JSON ``data`` or, when the client asks with
 ``binary_data`` (per output) or ``binary_data_output`` (per request), as raw
-bytes after the JSON.
+bytes after the JSON. Inputs and outputs with ``shared_memory_region``
+parameters are read from / written to a registered system shared memory
+region instead (``protocol/shared_memory.py``).
 
 Every way a body can be wrong raises InvalidArgumentError naming the field,
 input and reason; nothing here lets a malformed body reach the model.
@@ -23,6 +25,7 @@ import orjson
 from inferstack.core.datatypes import DATATYPES, datatype_of, numpy_dtype
 from inferstack.core.errors import InvalidArgumentError, UnsupportedError
 from inferstack.core.types import InferenceRequest, InferenceResponse, RequestedOutput
+from inferstack.protocol.shared_memory import SharedMemoryLease, SharedMemoryRef, shared_memory_reference
 from inferstack.protocol.tensors import check_shape, is_int, tensor_from_bytes, tensor_to_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -33,10 +36,12 @@ _INT_KINDS = "iu"
 
 @dataclass(slots=True)
 class OutputFormat:
-    """How the client wants outputs encoded: which ones go binary."""
+    """How the client wants outputs encoded: which ones go binary, which to shared memory."""
 
     binary_default: bool = False
     binary: dict[str, bool] | None = None
+    #: Outputs the client wants written to a shared memory region instead of the body.
+    shared_memory: dict[str, SharedMemoryRef] | None = None
 
     def is_binary(self, name: str) -> bool:
         if self.binary is not None and name in self.binary:
@@ -67,8 +72,13 @@ def decode_request(
     header_length: int | None,
     model_name: str,
     model_version: str = "",
+    shared_memory: SharedMemoryLease | None = None,
 ) -> tuple[InferenceRequest, OutputFormat]:
-    """Decode an infer request body into an InferenceRequest and the output format."""
+    """Decode an infer request body into an InferenceRequest and the output format.
+
+    Inputs and outputs naming a ``shared_memory_region`` need ``shared_memory``
+    (the request's lease on the server's regions); without one they are refused.
+    """
     if header_length is None:
         json_part: bytes | memoryview = body
         binary = memoryview(b"")
@@ -119,10 +129,20 @@ def decode_request(
                 f"{', '.join(sorted(DATATYPES))}"
             )
         input_parameters = _parameters(item.get("parameters"), f"input {name!r}")
-        if "shared_memory_region" in input_parameters:
-            raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported yet")
+        ref = shared_memory_reference(input_parameters, f"input {name!r}")
         size = input_parameters.get("binary_data_size")
-        if size is not None:
+        if ref is not None:
+            if shared_memory is None:
+                raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported here")
+            if "data" in item or size is not None:
+                raise _fail(
+                    f"input {name!r} has 'shared_memory_region' and also "
+                    f"{'data' if 'data' in item else 'binary_data_size'}; give one source"
+                )
+            inputs[name] = shared_memory.read_input(
+                ref.region, ref.offset, ref.byte_size, datatype, shape, tensor=name
+            )
+        elif size is not None:
             if not is_int(size) or size < 0:
                 raise _fail(f"input {name!r}: 'binary_data_size' must be a non-negative integer")
             if "data" in item:
@@ -141,7 +161,14 @@ def decode_request(
     if offset != len(binary):
         raise _fail(f"{len(binary) - offset} bytes of binary data in the body belong to no input")
 
-    outputs, binary_by_name = _requested_outputs(document.get("outputs"))
+    outputs, binary_by_name, shm_outputs = _requested_outputs(document.get("outputs"))
+    if shm_outputs:
+        if shared_memory is None:
+            raise UnsupportedError(
+                f"output {next(iter(shm_outputs))!r}: shared memory outputs are not supported here"
+            )
+        for name, ref in shm_outputs.items():  # unknown region / bounds: 4xx before the model runs
+            shared_memory.check_output(ref.region, ref.offset, ref.byte_size, tensor=name)
     request = InferenceRequest(
         model_name=model_name,
         model_version=model_version,
@@ -150,23 +177,27 @@ def decode_request(
         outputs=outputs,
         parameters=parameters,
     )
-    return request, OutputFormat(binary_default, binary_by_name)
+    return request, OutputFormat(binary_default, binary_by_name, shm_outputs or None)
 
 
-def _requested_outputs(value: Any) -> tuple[list[RequestedOutput] | None, dict[str, bool] | None]:
+def _requested_outputs(
+    value: Any,
+) -> tuple[list[RequestedOutput] | None, dict[str, bool] | None, dict[str, SharedMemoryRef]]:
     if value is None:
-        return None, None
+        return None, None, {}
     if not isinstance(value, list):
         raise _fail("'outputs' must be a list")
     outputs: list[RequestedOutput] = []
     binary: dict[str, bool] = {}
+    shm: dict[str, SharedMemoryRef] = {}
     for position, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise _fail(f"outputs[{position}] must be an object with a string 'name'")
         name = item["name"]
         parameters = _parameters(item.get("parameters"), f"output {name!r}")
-        if "shared_memory_region" in parameters:
-            raise UnsupportedError(f"output {name!r}: shared memory outputs are not supported yet")
+        ref = shared_memory_reference(parameters, f"output {name!r}")
+        if ref is not None:
+            shm[name] = ref
         if parameters.get("classification"):
             raise UnsupportedError(f"output {name!r}: the classification extension is not supported yet")
         if "binary_data" in parameters:
@@ -175,7 +206,7 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput] | None, dict[s
             binary[name] = parameters["binary_data"]
         outputs.append(RequestedOutput(name, parameters))
     # An empty list, like none, asks for every output (as Triton does).
-    return outputs or None, binary
+    return outputs or None, binary, shm
 
 
 def _from_binary(buffer: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
@@ -242,14 +273,30 @@ def _kind_name(kind: str) -> str:
     return {"b": "booleans", "f": "floats", "U": "strings", "O": "mixed values"}.get(kind, "other values")
 
 
-def encode_response(response: InferenceResponse, output_format: OutputFormat) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and the JSON length when binary data follows."""
+def encode_response(
+    response: InferenceResponse,
+    output_format: OutputFormat,
+    shared_memory: SharedMemoryLease | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and the JSON length when binary data follows.
+
+    Outputs the client asked to receive in shared memory are copied there
+    (through ``shared_memory``, the lease ``decode_request`` used) and carry
+    the request's shared memory parameters instead of data, as in Triton.
+    """
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
+    shm_outputs = output_format.shared_memory or {}
     for name, array in response.outputs.items():
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if output_format.is_binary(name):
+        ref = shm_outputs.get(name)
+        if ref is not None:
+            if shared_memory is None:
+                raise UnsupportedError(f"output {name!r}: shared memory outputs are not supported here")
+            shared_memory.write_output(ref.region, ref.offset, ref.byte_size, array, datatype, tensor=name)
+            entry["parameters"] = ref.parameters()
+        elif output_format.is_binary(name):
             raw = tensor_to_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

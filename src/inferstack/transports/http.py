@@ -33,9 +33,11 @@ from inferstack.core.errors import (
     NotFoundError,
     PayloadTooLargeError,
     UnavailableError,
+    UnsupportedError,
 )
 from inferstack.observability.logs import request_id_var
 from inferstack.protocol import rest
+from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.repository.config import ModelConfigError, config_from_dict
 from inferstack.serving import ModelManager
 
@@ -48,9 +50,11 @@ EXTENSIONS = [
     "statistics",
     "parameters",
     "schedule_policy",
+    "system_shared_memory",
 ]
 
 _JSON = "application/json"
+_NO_CUDA_SHM = "CUDA shared memory is not supported by this server; use system shared memory"
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -71,8 +75,17 @@ _id_prefix = f"{os.getpid():x}"
 class HttpApi:
     """Route handlers bound to one model manager."""
 
-    def __init__(self, manager: ModelManager, *, max_body_bytes: int, server_name: str = "inferstack") -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        *,
+        max_body_bytes: int,
+        server_name: str = "inferstack",
+        shared_memory: SystemSharedMemory | None = None,
+    ) -> None:
         self.manager = manager
+        #: The server's system shared memory regions (shared with gRPC); disabled if not given.
+        self.shared_memory = shared_memory if shared_memory is not None else SystemSharedMemory()
         self.max_body_bytes = max_body_bytes
         self.server_name = server_name
         #: Set while shutting down: readiness turns false before connections close.
@@ -189,11 +202,16 @@ class HttpApi:
                 raise InvalidArgumentError(f"invalid Inference-Header-Content-Length {header_length!r}") from None
         else:
             header_length_value = None
-        infer_request, output_format = rest.decode_request(body, header_length_value, model, version)
-        response = await _cancel_on_disconnect(request, target.infer(infer_request))
-        if response is None:  # the client is gone; nobody reads this
-            return Response(status_code=499)
-        content, json_length = rest.encode_response(response, output_format)
+        # The lease keeps the shared memory regions this request uses mapped
+        # until its outputs are written, even if they are unregistered meanwhile.
+        with self.shared_memory.lease() as shm:
+            infer_request, output_format = rest.decode_request(
+                body, header_length_value, model, version, shared_memory=shm
+            )
+            response = await _cancel_on_disconnect(request, target.infer(infer_request))
+            if response is None:  # the client is gone; nobody reads this
+                return Response(status_code=499)
+            content, json_length = rest.encode_response(response, output_format, shm)
         if json_length is None:
             return Response(content, media_type=_JSON)
         return Response(
@@ -240,6 +258,40 @@ class HttpApi:
         await self.manager.unload(model)
         return _json({})
 
+    # -- shared memory ----------------------------------------------------------------
+
+    async def system_shm_status(self, request: Request, name: str = "") -> Response:
+        await self.read_body(request)
+        return _json(self.shared_memory.status(name))
+
+    async def system_shm_register(self, request: Request, name: str) -> Response:
+        document = _parse_json_object(await self.read_body(request))
+        key = document.get("key")
+        if not isinstance(key, str):
+            raise InvalidArgumentError(f"shared memory region {name!r}: 'key' must be a string")
+        self.shared_memory.register(name, key, document.get("offset", 0), document.get("byte_size"))
+        return _json({})
+
+    async def system_shm_unregister(self, request: Request, name: str = "") -> Response:
+        await self.read_body(request)
+        self.shared_memory.unregister(name)
+        return _json({})
+
+    async def cuda_shm_status(self, request: Request, name: str = "") -> Response:
+        await self.read_body(request)
+        if name:
+            raise NotFoundError(f"unknown CUDA shared memory region {name!r}: {_NO_CUDA_SHM}")
+        return _json([])
+
+    async def cuda_shm_register(self, request: Request, name: str) -> Response:
+        raise UnsupportedError(f"cannot register {name!r}: {_NO_CUDA_SHM}")
+
+    async def cuda_shm_unregister(self, request: Request, name: str = "") -> Response:
+        # Nothing can be registered, so there is nothing to unregister: succeed,
+        # as clients (perf_analyzer) unregister both kinds before they start.
+        await self.read_body(request)
+        return _json({})
+
     def _require_explicit(self, action: str) -> None:
         mode = self.manager.options.model_control_mode
         if mode != "explicit":
@@ -273,7 +325,27 @@ class HttpApi:
             Route("/v2/repository/index", h(self.repository_index), methods=["POST"]),
             Route("/v2/repository/models/{model}/load", h(self.repository_load), methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", h(self.repository_unload), methods=["POST"]),
+            *_shm_routes(self),
         ]
+
+
+def _shm_routes(api: HttpApi) -> list[Route]:
+    """Triton's shared memory extension: system regions work, CUDA ones are refused."""
+    h = api.handler
+    routes = []
+    for kind, status, register, unregister in (
+        ("system", api.system_shm_status, api.system_shm_register, api.system_shm_unregister),
+        ("cuda", api.cuda_shm_status, api.cuda_shm_register, api.cuda_shm_unregister),
+    ):
+        base = f"/v2/{kind}sharedmemory"
+        routes += [
+            Route(f"{base}/status", h(status), methods=["GET", "POST"]),
+            Route(f"{base}/region/{{name}}/status", h(status), methods=["GET", "POST"]),
+            Route(f"{base}/region/{{name}}/register", h(register), methods=["POST"]),
+            Route(f"{base}/unregister", h(unregister), methods=["POST"]),
+            Route(f"{base}/region/{{name}}/unregister", h(unregister), methods=["POST"]),
+        ]
+    return routes
 
 
 def create_app(api: HttpApi) -> Starlette:

@@ -43,6 +43,17 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _check_cache_config(value: Optional[list[str]]) -> Optional[list[str]]:
+    if value:
+        from inferstack.serving.cache import CacheConfigError, create_cache
+
+        try:
+            create_cache(value)
+        except CacheConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -91,6 +102,11 @@ def serve(
     max_queue_size: Annotated[int, typer.Option(help="Queue bound for models whose queue policy sets none (0 = unbounded).", min=0)] = 1024,
     http_max_concurrency: Annotated[int, typer.Option(help="Concurrent HTTP connections+requests before answering 503 (0 = unlimited).", min=0)] = 2048,
     exit_timeout_secs: Annotated[float, typer.Option(help="On SIGTERM, how long to wait for in-flight requests.", min=0)] = 30.0,
+    cache_config: Annotated[
+        Optional[list[str]],
+        typer.Option("--cache-config", callback=_check_cache_config, metavar="local,size=BYTES",
+                     help="Response cache for models with response_cache { enable: true }: local,size=BYTES (Triton's syntax)."),
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
 ) -> None:
@@ -118,5 +134,6 @@ def serve(
         max_queue_size=max_queue_size,
         http_max_concurrency=http_max_concurrency,
         exit_timeout_secs=exit_timeout_secs,
+        cache_config=list(cache_config or []),
     )
     raise typer.Exit(run_server(settings))

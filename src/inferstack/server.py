@@ -26,6 +26,7 @@ import uvicorn
 from inferstack.observability.metrics import create_registry, start_metrics_server
 from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
+from inferstack.serving.cache import create_cache
 from inferstack.transports.grpc import GrpcService, create_grpc_server
 from inferstack.transports.http import EXTENSIONS, HttpApi, create_app
 
@@ -55,6 +56,8 @@ class ServerSettings:
     max_queue_size: int = 1024
     http_max_concurrency: int = 2048
     exit_timeout_secs: float = 30.0
+    #: Triton's ``--cache-config`` values (``local,size=BYTES``); empty: no response cache.
+    cache_config: list[str] = field(default_factory=list)
 
     def manager_options(self) -> ServerOptions:
         return ServerOptions(
@@ -65,6 +68,7 @@ class ServerSettings:
             strict_readiness=self.strict_readiness,
             max_queue_size=self.max_queue_size,
             unload_timeout=self.exit_timeout_secs,
+            response_cache=create_cache(self.cache_config),
         )
 
 

@@ -86,6 +86,10 @@ class ModelStats:
         self.compute_output = Duration()
         self.inference_count = 0  # samples (a batch-4 request counts 4)
         self.execution_count = 0  # backend executions (one per batch)
+        # Response cache, as Triton counts it: a hit's time is the lookup (hashing
+        # included); a miss's is the lookup plus inserting the computed outputs.
+        self.cache_hit = Duration()
+        self.cache_miss = Duration()
         self.last_inference_ms = 0
         self.batches: dict[int, BatchStats] = {}
         # reason -> count; every reason starts at 0 so its series exists from the start.
@@ -105,6 +109,15 @@ class ModelStats:
         # percentiles down exactly when the server is overloaded.
         self.fail.add(ns)
         self.failures[reason] += 1
+
+    def record_cache_hit(self, ns: int) -> None:
+        """A request answered from the response cache (also counted as a success,
+        but not in inference_count or execution_count, as in Triton)."""
+        self.cache_hit.add(ns)
+
+    def record_cache_miss(self, ns: int, count: int = 1) -> None:
+        """A lookup that found nothing (``count=1``), or the insertion after it (``count=0``)."""
+        self.cache_miss.add(ns, count)
 
     def record_queue(self, ns: int) -> None:
         self.queue.add(ns)
@@ -136,7 +149,6 @@ class ModelStats:
 
     def as_triton_dict(self, name: str, version: str) -> dict[str, Any]:
         """The entry of Triton's ``model_stats`` list for this version."""
-        zero = Duration().as_dict()
         return {
             "name": name,
             "version": version,
@@ -150,8 +162,8 @@ class ModelStats:
                 "compute_input": self.compute_input.as_dict(),
                 "compute_infer": self.compute_infer.as_dict(),
                 "compute_output": self.compute_output.as_dict(),
-                "cache_hit": zero,
-                "cache_miss": zero,
+                "cache_hit": self.cache_hit.as_dict(),
+                "cache_miss": self.cache_miss.as_dict(),
             },
             "batch_stats": [
                 {

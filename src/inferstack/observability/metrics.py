@@ -98,6 +98,44 @@ class ModelCollector(Collector):
             yield family
 
 
+class CacheCollector(Collector):
+    """Exports the response cache: hits and misses per model version, and the cache's size.
+
+    Nothing at all without ``--cache-config``; hit/miss series only for the
+    versions whose config enables the cache.
+    """
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.manager.options.response_cache
+        if cache is None:
+            return
+        hits = CounterMetricFamily(f"{PREFIX}_cache_hits", "Requests answered from the response cache.",
+                                   labels=_LABELS)
+        misses = CounterMetricFamily(f"{PREFIX}_cache_misses",
+                                     "Requests looked up in the response cache and not found (then run).",
+                                     labels=_LABELS)
+        for version in self.manager.loaded_versions():
+            if version.cache is not None:
+                labels = [version.name, version.version_str]
+                hits.add_metric(labels, version.stats.cache_hit.count)
+                misses.add_metric(labels, version.stats.cache_miss.count)
+        stats = cache.stats()
+        yield hits
+        yield misses
+        yield GaugeMetricFamily(f"{PREFIX}_cache_entries", "Responses stored in the cache.", value=stats.entries)
+        yield GaugeMetricFamily(f"{PREFIX}_cache_bytes",
+                                "Bytes the stored responses take (keys, output names, output data).",
+                                value=stats.bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_cache_capacity_bytes", "The cache's size limit (--cache-config).",
+                                value=stats.capacity_bytes)
+        yield CounterMetricFamily(f"{PREFIX}_cache_evictions",
+                                  "Responses evicted (least recently used first) to make room.",
+                                  value=stats.evictions)
+
+
 class HttpCollector(Collector):
     """Exports HTTP responses by endpoint and status code."""
 
@@ -120,6 +158,7 @@ def create_registry(
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ModelCollector(manager))
+    registry.register(CacheCollector(manager))
     if http_responses is not None:
         registry.register(HttpCollector(http_responses))
     registry.register(ProcessCollector(registry=None))

@@ -29,6 +29,7 @@ from inferstack.core.errors import (
 from inferstack.repository import ModelConfigError, ModelRepository
 from inferstack.repository.config import read_config, select_versions, validate_config
 from inferstack.repository.repository import check_model_name
+from inferstack.serving.cache import ResponseCache
 from inferstack.serving.model import ModelState, ModelVersion
 
 log = logging.getLogger("inferstack.models")
@@ -48,6 +49,8 @@ class ServerOptions:
     max_queue_size: int = 1024
     #: Seconds an unload waits for in-flight requests.
     unload_timeout: float = 30.0
+    #: The response cache (``--cache-config``) for models that enable one; None: no cache.
+    response_cache: ResponseCache | None = None
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class ModelManager:
                 version = ModelVersion(
                     name, number, version_config, backend, model_path,
                     server_max_queue_size=self.options.max_queue_size,
+                    response_cache=self.options.response_cache,
                 )
                 await version.load()
             except (ModelConfigError, InferenceServerError) as exc:

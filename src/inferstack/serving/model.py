@@ -30,8 +30,12 @@ from inferstack.core.stats import ModelStats
 from inferstack.core.types import InferenceRequest, InferenceResponse
 from inferstack.repository.config import TensorSpec, config_to_dict, tensor_specs
 from inferstack.scheduling import QueuePolicy, Scheduler, SchedulerConfig
+from inferstack.serving.cache import ResponseCache, request_key
 
 log = logging.getLogger("inferstack.models")
+
+#: Models already warned about enabling the response cache on a server without one.
+_warned_no_cache: set[str] = set()
 
 
 class ModelState(str, Enum):
@@ -137,6 +141,7 @@ class ModelVersion:
         model_path: Path,
         *,
         server_max_queue_size: int = 1024,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -156,6 +161,15 @@ class ModelVersion:
         self._all_outputs = [o.name for o in self.outputs]
         self._server_max_queue_size = server_max_queue_size
         self.scheduler: Scheduler | None = None
+        #: The server's response cache, if this model enables it (``response_cache { enable: true }``).
+        self.cache: ResponseCache | None = None
+        if config.response_cache.enable:
+            if response_cache is not None:
+                self.cache = response_cache
+            elif name not in _warned_no_cache:
+                _warned_no_cache.add(name)
+                log.warning("model %s enables response_cache, but the server has no cache; start it "
+                            "with --cache-config local,size=<bytes> to use one", name)
         self.load_seconds = 0.0
 
     @classmethod
@@ -292,6 +306,26 @@ class ModelVersion:
                 outputs.append(requested.name)
         return inputs, outputs, batch_size
 
+    async def _cache_lookup(
+        self, inputs: dict[str, np.ndarray], outputs: list[str]
+    ) -> tuple[bytes, dict[str, np.ndarray] | None]:
+        """Hash the request and look it up; counts the hit or the miss (Triton's stats)."""
+        assert self.cache is not None
+        started = time.perf_counter_ns()
+        key = request_key(self.name, self.version, inputs, outputs)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            self.stats.record_cache_hit(time.perf_counter_ns() - started)
+        else:
+            self.stats.record_cache_miss(time.perf_counter_ns() - started)
+        return key, cached
+
+    async def _cache_insert(self, key: bytes, results: dict[str, np.ndarray]) -> None:
+        assert self.cache is not None
+        started = time.perf_counter_ns()
+        await self.cache.put(key, results)
+        self.stats.record_cache_miss(time.perf_counter_ns() - started, count=0)
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one request through the scheduler; failures are counted and re-raised."""
         started = time.perf_counter_ns()
@@ -300,6 +334,14 @@ class ModelVersion:
             raise UnavailableError(f"model {self.name!r} version {self.version} is not loaded", retry_after=1.0)
         try:
             inputs, outputs, batch_size = self._prepare(request)
+            cache_key = None
+            if self.cache is not None:
+                cache_key, cached = await self._cache_lookup(inputs, outputs)
+                if cached is not None:
+                    self.stats.record_success(time.perf_counter_ns() - started)
+                    return InferenceResponse(
+                        model_name=self.name, model_version=self.version_str, id=request.id, outputs=cached
+                    )
             future = scheduler.submit(
                 inputs,
                 outputs,
@@ -323,6 +365,8 @@ class ModelVersion:
             if spec.reshape is not None and spec.name in results:
                 lead = (results[spec.name].shape[0],) if self.max_batch_size > 0 else ()
                 results[spec.name] = results[spec.name].reshape((*lead, *spec.dims))
+        if cache_key is not None:
+            await self._cache_insert(cache_key, results)
         self.stats.record_success(time.perf_counter_ns() - started)
         return InferenceResponse(
             model_name=self.name,

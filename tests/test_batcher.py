@@ -424,3 +424,44 @@ def test_sub_millisecond_delay_does_not_busy_wait():
         assert calls <= 20 * 4, f"{calls} batching decisions for 20 requests: the scheduler spins"
 
     uvloop.run(asyncio.wait_for(main(), 120))
+
+
+class UnloadTracking(GatedInstance):
+    """Records whether it was unloaded while a batch was still executing on it."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__(gate)
+        self.executing = False
+        self.unloaded_while_executing = False
+
+    def execute(self, inputs, outputs):
+        self.executing = True
+        try:
+            return super().execute(inputs, outputs)
+        finally:
+            self.executing = False
+
+    def unload(self) -> None:
+        self.unloaded_while_executing |= self.executing
+
+
+def test_close_right_after_submit_waits_for_the_dispatched_batch():
+    """Dispatching empties the queue before the batch counts as running; a close waiting
+    at that moment must not see the scheduler idle and unload the instance under it."""
+
+    async def main():
+        gate = threading.Event()
+        instance = UnloadTracking(gate)
+        # The batching delay makes the dispatch happen while close() already waits.
+        scheduler = make(batching(max_queue_delay_us=100_000), instance)
+        future = scheduler.submit({"INPUT0": rows(1, 1)}, ["OUTPUT0"], batch_size=1)
+        closing = asyncio.ensure_future(scheduler.close(timeout=WAIT))
+        await wait_started(instance)
+        await asyncio.sleep(0.05)
+        assert not closing.done(), "close returned while a batch was executing"
+        gate.set()
+        await closing
+        np.testing.assert_array_equal((await future)["OUTPUT0"], rows(1, 1) * 2)
+        assert not instance.unloaded_while_executing
+
+    run(main())

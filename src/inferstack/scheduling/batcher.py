@@ -403,11 +403,14 @@ class Scheduler:
                 await wakeup.wait()
 
     def _dispatch(self, worker: _Worker, entries: list[_Entry], size: int, now_ns: int) -> None:
+        # Running before they leave the queue: otherwise the last _remove() sees
+        # nothing queued and nothing running, sets the idle event, and a close()
+        # waiting on it unloads the instance under this batch.
+        self._running += len(entries)
         for entry in entries:
             self._remove(entry)
             entry.state = _RUNNING
             self.stats.record_queue(now_ns - entry.enqueued_ns)
-        self._running += len(entries)
         self._idle_event.clear()
         outputs = _union(entries)
         job = worker.executor.submit(_execute, worker.instance, entries, outputs, size)

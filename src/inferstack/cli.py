@@ -137,3 +137,50 @@ def serve(
         cache_config=list(cache_config or []),
     )
     raise typer.Exit(run_server(settings))
+
+
+class PerfProtocol(str, Enum):
+    http = "http"
+    grpc = "grpc"
+
+
+class Distribution(str, Enum):
+    constant = "constant"
+    poisson = "poisson"
+
+
+@app.command(no_args_is_help=True)
+def perf(
+    model_name: Annotated[str, typer.Option("-m", "--model-name", help="Model to measure.")],
+    model_version: Annotated[str, typer.Option("-x", "--model-version", help="Version (default: the server's choice).")] = "",
+    url: Annotated[Optional[str], typer.Option("-u", "--url", help="host:port of the server (default localhost:8000 for HTTP, localhost:8001 for gRPC).")] = None,
+    protocol: Annotated[PerfProtocol, typer.Option("-i", "--protocol", help="http or grpc.")] = PerfProtocol.http,
+    binary: Annotated[bool, typer.Option("--binary/--no-binary", help="HTTP: tensors as binary data (Triton's extension) or as JSON.")] = True,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", help="Samples per request.", min=1)] = 1,
+    concurrency_range: Annotated[Optional[str], typer.Option(help="START\\[:END\\[:STEP]] requests in flight, END inclusive (closed loop; default 1).")] = None,
+    request_rate_range: Annotated[Optional[str], typer.Option(help="START\\[:END\\[:STEP]] requests per second, END inclusive (open loop).")] = None,
+    distribution: Annotated[Distribution, typer.Option(help="Open loop: constant or poisson intervals.")] = Distribution.constant,
+    shape: Annotated[Optional[list[str]], typer.Option("--shape", help="NAME:D1,D2 size of an input's dynamic dims (no batch dim); repeatable.")] = None,
+    input_data: Annotated[str, typer.Option(help="zero, random or a JSON data file.")] = "random",
+    measurement_interval: Annotated[float, typer.Option("-p", "--measurement-interval", help="Window length in ms.", min=1)] = 5000,
+    stability_percentage: Annotated[float, typer.Option("-s", "--stability-percentage", help="Stable when the last 3 windows' throughputs are within this % of their mean.")] = 10.0,
+    max_trials: Annotated[int, typer.Option("-r", "--max-trials", help="Most windows per level before it is reported unstable.", min=1)] = 10,
+    percentile: Annotated[float, typer.Option(help="Latency percentile shown in the summary and the plot.")] = 95.0,
+    csv_file: Annotated[Optional[Path], typer.Option("-f", "--latency-report-file", help="Write every number to this CSV file.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every number (and each window) to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a latency-throughput PNG (needs matplotlib: inferstack\\[perf]).")] = None,
+    workers: Annotated[int, typer.Option(help="Client processes; the load of each level is split between them.", min=1)] = 1,
+    request_timeout: Annotated[float, typer.Option(help="Seconds before a request counts as failed.", min=0.001)] = 60.0,
+) -> None:
+    """Measure throughput and latency of a model on any KServe v2 server (like Triton's perf_analyzer)."""
+    from inferstack.perf.runner import PerfSettings, run
+
+    settings = PerfSettings(
+        model=model_name, version=model_version, url=url, protocol=protocol.value, binary=binary,
+        batch_size=batch_size, concurrency_range=concurrency_range, request_rate_range=request_rate_range,
+        distribution=distribution.value, shapes=list(shape or []), input_data=input_data,
+        measurement_interval_ms=measurement_interval, stability_percentage=stability_percentage,
+        max_trials=max_trials, percentile=percentile, csv=csv_file, json=json_file, plot=plot,
+        workers=workers, timeout=request_timeout,
+    )
+    raise typer.Exit(run(settings))

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from inferstack.perf import RawConnection, build_request
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn as model_builder  # noqa: E402
 
@@ -273,87 +275,8 @@ def expected_output_nbytes(headers: dict[str, str], body: bytes) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# HTTP/1.1 clients
+# HTTP/1.1 clients: RawConnection and build_request come from inferstack.perf
 # --------------------------------------------------------------------------------------
-
-
-class HTTPError(Exception):
-    pass
-
-
-class RawConnection:
-    """Minimal HTTP/1.1 keep-alive client on asyncio streams (one request in flight)."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def _connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
-        self.reader = self.writer = None
-
-    async def request(self, data: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send pre-encoded request bytes; returns (status, lower-cased headers, body)."""
-        try:
-            return await asyncio.wait_for(self._request(data), self.timeout)
-        except BaseException:
-            await self.close()  # connection state unknown
-            raise
-
-    async def _request(self, data: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None:
-            await self._connect()
-        w, r = self.writer, self.reader
-        w.write(data)
-        if w.transport.get_write_buffer_size() > 65536:
-            await w.drain()
-        head = await r.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                k, _, v = line.partition(":")
-                headers[k.strip().lower()] = v.strip()
-        if "content-length" in headers:
-            body = await r.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int((await r.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
-                if size == 0:
-                    while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                        pass
-                    break
-                parts.append(await r.readexactly(size))
-                await r.readexactly(2)
-            body = b"".join(parts)
-        else:
-            body = await r.read()  # until EOF
-            headers["connection"] = "close"
-        if headers.get("connection", "").lower() == "close":
-            await self.close()
-        return status, headers, body
-
-
-def build_request(method: str, path: str, host: str, port: int, body: bytes = b"",
-                  extra_headers: dict[str, str] | None = None) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: keep-alive"]
-    for k, v in (extra_headers or {}).items():
-        lines.append(f"{k}: {v}")
-    if body or method in ("POST", "PUT"):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class HttpxConnection:

@@ -84,12 +84,12 @@ def serve(
                      help="Let clients register system shared memory regions (any /dev/shm object the server may open; trusted clients only)."),
     ] = False,
     model_control_mode: Annotated[
-        ControlMode, typer.Option(help="none: load every model at start. explicit: load --load-model names, then load/unload via the API. poll: like none (watching comes next).")
+        ControlMode, typer.Option(help="none: load every model at start. explicit: load --load-model names, then load/unload via the API. poll: load every model at start, then load, reload and unload what changes in the repository.")
     ] = ControlMode.none,
     load_model: Annotated[
         Optional[list[str]], typer.Option("--load-model", help="Model to load at start in explicit mode; repeatable; '*' for all.")
     ] = None,
-    repository_poll_secs: Annotated[float, typer.Option(help="Poll interval in poll mode.", min=0.1)] = 15.0,
+    repository_poll_secs: Annotated[float, typer.Option(help="Poll mode: seconds between repository scans.", min=0.1)] = 15.0,
     strict_model_config: Annotated[
         bool,
         typer.Option("--strict-model-config/--no-strict-model-config", help="Require a complete config.pbtxt (no auto-complete from the model)."),

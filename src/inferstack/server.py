@@ -27,6 +27,7 @@ from inferstack.observability.metrics import create_registry, start_metrics_serv
 from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
 from inferstack.serving.cache import create_cache
+from inferstack.serving.watcher import RepositoryWatcher
 from inferstack.transports.grpc import GrpcService, create_grpc_server
 from inferstack.transports.http import EXTENSIONS, HttpApi, create_app
 
@@ -106,9 +107,12 @@ class InferenceServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_shutdown)
 
+        watcher = None
         if s.model_control_mode == "poll":
-            log.warning("model control mode 'poll': models load at start; watching the "
-                        "repository for changes is not implemented yet")
+            # The baseline is taken before the startup load reads the repository,
+            # so the first scan sees whatever changed while models were loading.
+            watcher = RepositoryWatcher(self.manager, s.repository_poll_secs)
+            await watcher.baseline()
         metrics_server = None
         if s.allow_metrics:
             try:
@@ -149,6 +153,8 @@ class InferenceServer:
         )
         http_task = loop.create_task(http.serve(), name="http")
         loading = loop.create_task(self.manager.load_startup_models(), name="load-models")
+        if watcher is not None:
+            watcher.start(after=loading)
         stop_task = loop.create_task(self._stop.wait())
         exit_code = 0
         grpc_stopping: asyncio.Task[None] | None = None
@@ -178,6 +184,8 @@ class InferenceServer:
                 with contextlib.suppress(BaseException):
                     await grpc_stopping
             stop_task.cancel()
+            if watcher is not None:
+                await watcher.stop(s.exit_timeout_secs)
             if not loading.done():
                 loading.cancel()
                 with contextlib.suppress(BaseException):

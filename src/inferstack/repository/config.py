@@ -122,6 +122,11 @@ def validate_config(config: mc.ModelConfig, model_name: str, source: str) -> lis
         fail(f"name {config.name!r} does not match the model directory {model_name!r}")
     if config.max_batch_size < 0:
         fail(f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    filename = config.default_model_filename
+    # A file name, never a path: a config (or a load request's override) must
+    # not point the backend at files outside the version directory.
+    if filename and (filename in (".", "..") or "/" in filename or "\\" in filename or "\0" in filename):
+        fail(f"default_model_filename {filename!r} must be a file name inside the version directory, not a path")
     for field_name, what in (("input", "input"), ("output", "output")):
         seen: set[str] = set()
         for tensor in getattr(config, field_name):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ class ModelManager:
         name = model.name
         try:
             model_dir = self.repository.model_dir(name)
+            # Taken before anything is read: a file that changes during the load
+            # makes the next comparison differ, never the reverse.
+            snapshot = await asyncio.to_thread(self.repository.snapshot, name)
             if override is not None:
                 config = copy.deepcopy(override)
                 source = f"config override for {name!r}"
@@ -130,14 +134,22 @@ class ModelManager:
             self._set_model_unavailable(model, reason)
             return
 
-        model.state = ModelState.LOADING
+        if not model.ready_versions():
+            model.state = ModelState.LOADING
+        config_key = override.SerializeToString(deterministic=True) if override is not None else None
         new_versions: dict[int, ModelVersion] = {}
 
         async def load_version(number: int) -> None:
+            origin = (config_key, snapshot.shared, snapshot.version(number))
+            previous = model.versions.get(number)
+            if previous is not None and previous.state is ModelState.READY and previous.source == origin:
+                new_versions[number] = previous  # nothing it was loaded from changed: keep it
+                return
             version_config = copy.deepcopy(config)
-            version_dir = self.repository.version_dir(name, number)
-            model_path = backend.model_path(version_config, version_dir)
             try:
+                version_dir = self.repository.version_dir(name, number)
+                model_path = backend.model_path(version_config, version_dir)
+                self.repository.check_inside(model_path, f"model {name!r} version {number}: model file")
                 await asyncio.to_thread(
                     backend.complete_config, version_config, model_path,
                     strict=self.options.strict_model_config,
@@ -156,32 +168,54 @@ class ModelManager:
                 log.exception("model %s version %d: unexpected load failure", name, number)
                 new_versions[number] = ModelVersion.failed(name, number, f"{type(exc).__name__}: {exc}")
                 return
+            version.source = origin
+            version.lookup = functools.partial(self.get, name)
             self._log_state(name, number, ModelState.READY, f"loaded in {version.load_seconds:.2f}s")
             new_versions[number] = version
 
         await asyncio.gather(*(load_version(v) for v in versions))
+        retired = self._switch(model, new_versions)
+        await asyncio.gather(*(self._unload_version(v) for v in retired if v.scheduler is not None))
 
-        # Switch atomically: a version that failed to load keeps its old copy
-        # serving, if there is one; versions outside the policy go away.
+    def _switch(self, model: _Model, new_versions: dict[int, ModelVersion]) -> list[ModelVersion]:
+        """Put the new versions in place in one assignment; return the ones to retire.
+
+        A failed load never reduces what serves: a version that failed keeps
+        its old copy serving, and while any version failed, old versions the
+        policy no longer selects keep serving too (so a broken new version 2
+        leaves version 1 in place). Versions kept unchanged are not retired.
+        """
         old = model.versions
+        failed = any(v.state is not ModelState.READY for v in new_versions.values())
         merged: dict[int, ModelVersion] = {}
         retired: list[ModelVersion] = []
         for number, version in new_versions.items():
             previous = old.get(number)
-            if version.state is not ModelState.READY and previous is not None and previous.state is ModelState.READY:
+            if version is previous:
+                merged[number] = version
+            elif version.state is not ModelState.READY and previous is not None and previous.state is ModelState.READY:
                 merged[number] = previous
+            else:
+                merged[number] = version
+                if previous is not None:
+                    retired.append(previous)
+        for number, previous in old.items():
+            if number in new_versions:
                 continue
-            merged[number] = version
-            if previous is not None:
+            if failed and previous.state is ModelState.READY:
+                merged[number] = previous
+            else:
                 retired.append(previous)
-        retired.extend(v for n, v in old.items() if n not in new_versions)
+        # Retired versions stop being found by lookups in this same step.
         model.versions = dict(sorted(merged.items()))
         failures = [f"version {v.version}: {v.reason}" for v in new_versions.values() if v.state is not ModelState.READY]
         model.reason = "; ".join(failures)
         model.state = ModelState.READY if model.ready_versions() else ModelState.UNAVAILABLE
-        for version in retired:
-            if version.scheduler is not None:
-                await self._unload_version(version)
+        unchanged = new_versions.keys() == old.keys() and all(new_versions[n] is v for n, v in old.items())
+        if unchanged:
+            log.info("model %s: nothing changed; version(s) %s keep serving",
+                     model.name, ", ".join(str(n) for n in merged))
+        return retired
 
     def _set_model_unavailable(self, model: _Model, reason: str) -> None:
         model.reason = reason
@@ -202,6 +236,7 @@ class ModelManager:
             raise NotFoundError(f"model {name!r} is not loaded")
         async with model.lock:
             versions = list(model.versions.values())
+            model.state = ModelState.UNLOADING
             for version in versions:
                 if version.state is ModelState.READY:
                     version.state = ModelState.UNLOADING
@@ -235,6 +270,7 @@ class ModelManager:
         """The READY version that serves a request: the highest one if none is named."""
         model = self._models.get(name)
         if model is None:
+            check_model_name(name)  # 400 for a name that could never be a model
             raise NotFoundError(f"unknown model {name!r}")
         if not version:
             ready = model.ready_versions()
@@ -244,7 +280,7 @@ class ModelManager:
                     f"model {name!r} is not ready ({model.state.value}{detail})", retry_after=1.0
                 )
             return ready[-1]
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):
             raise InvalidArgumentError(f"model {name!r}: version {version!r} is not a number")
         found = model.versions.get(int(version))
         if found is None:
@@ -278,8 +314,11 @@ class ModelManager:
             return False
         if not self.options.strict_readiness:
             return True
+        # A model whose reload is under way, or failed, still serves its old
+        # versions: it stays ready, so a reload never takes the server out of a
+        # load balancer.
         return all(
-            self._models.get(name) is not None and self._models[name].state is ModelState.READY
+            self._models.get(name) is not None and bool(self._models[name].ready_versions())
             for name in self._wanted
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,12 @@ class ModelVersion:
                 log.warning("model %s enables response_cache, but the server has no cache; start it "
                             "with --cache-config local,size=<bytes> to use one", name)
         self.load_seconds = 0.0
+        #: What this version was loaded from (config and file fingerprints), so a
+        #: reload can keep it when nothing it depends on changed. Set by the manager.
+        self.source: tuple | None = None
+        #: The manager's lookup (``get(name, version)``): a request that resolved this
+        #: version just before it was retired is handed to whatever serves now.
+        self.lookup: Callable[[str], ModelVersion] | None = None
 
     @classmethod
     def failed(cls, name: str, version: int, reason: str) -> ModelVersion:
@@ -330,8 +337,8 @@ class ModelVersion:
         """Run one request through the scheduler; failures are counted and re-raised."""
         started = time.perf_counter_ns()
         scheduler = self.scheduler
-        if scheduler is None:  # unloaded between lookup and call: retrying will find the new one
-            raise UnavailableError(f"model {self.name!r} version {self.version} is not loaded", retry_after=1.0)
+        if scheduler is None or scheduler.closing:
+            return await self._hand_over(request)
         try:
             inputs, outputs, batch_size = self._prepare(request)
             cache_key = None
@@ -373,4 +380,17 @@ class ModelVersion:
             model_version=self.version_str,
             id=request.id,
             outputs=results,
+        )
+
+    async def _hand_over(self, request: InferenceRequest) -> InferenceResponse:
+        """This version started unloading after the request looked it up (a transport
+        resolves the version, then reads and decodes the body): hand the request to
+        the version that serves now, once. Only when nothing serves does it fail."""
+        lookup = self.lookup
+        if lookup is not None:
+            current = lookup(request.model_version)  # 404 / 503 when nothing serves
+            if current is not self and current.scheduler is not None and not current.scheduler.closing:
+                return await current.infer(request)
+        raise UnavailableError(
+            f"model {self.name!r} version {self.version} is unloading", retry_after=1.0
         )

@@ -323,8 +323,10 @@ class HttpApi:
             Route(f"{model}/stats", h(self.model_stats), methods=["GET"]),
             Route(f"{versioned}/stats", h(self.model_stats), methods=["GET"]),
             Route("/v2/repository/index", h(self.repository_index), methods=["POST"]),
-            Route("/v2/repository/models/{model}/load", h(self.repository_load), methods=["POST"]),
-            Route("/v2/repository/models/{model}/unload", h(self.repository_unload), methods=["POST"]),
+            # {model:path}: a name holding an (encoded) "/" reaches the name check and
+            # gets 400 saying why, instead of matching no route.
+            Route("/v2/repository/models/{model:path}/load", h(self.repository_load), methods=["POST"]),
+            Route("/v2/repository/models/{model:path}/unload", h(self.repository_unload), methods=["POST"]),
             *_shm_routes(self),
         ]
 

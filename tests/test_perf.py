@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import io
 import json
 import math
 import subprocess
@@ -403,6 +404,67 @@ def test_open_loop_against_a_fixed_response():
     assert result.status in ("stable", "unstable") and len(seen) <= 3
     assert result.errors == 0 and result.completed > 0 and result.total_sent == result.total_completed
     assert result.send_rate > 0 and result.late >= 0 and result.avg_send_delay_us is not None
+
+
+async def _plain_kserve_server() -> tuple[asyncio.AbstractServer, int]:
+    """A KServe v2 server without Triton's extensions: metadata and infer only (404 otherwise)."""
+    metadata = json.dumps({"name": "plain", "versions": ["1"], "platform": "x",
+                           "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}],
+                           "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, 4]}]}).encode()
+    answer = b'{"model_name":"plain","outputs":[{"name":"Y","datatype":"FP32","shape":[1,4],"data":[0,0,0,0]}]}'
+
+    def response(status: str, body: bytes) -> bytes:
+        return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path = head.split(b" ")[:2]
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                if method == b"GET" and path == b"/v2/models/plain":
+                    writer.write(response("200 OK", metadata))
+                elif method == b"POST" and path == b"/v2/models/plain/infer":
+                    writer.write(response("200 OK", answer))
+                else:
+                    writer.write(response("404 Not Found", b'{"error":"not found"}'))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_perf_against_a_server_without_statistics_or_config(tmp_path: Path):
+    from rich.console import Console
+
+    async def main() -> tuple[int, dict]:
+        server, port = await _plain_kserve_server()
+        try:
+            settings = runner.PerfSettings(model="plain", url=f"127.0.0.1:{port}", batch_size=2,
+                                           concurrency_range="2", measurement_interval_ms=200, max_trials=3,
+                                           csv=tmp_path / "plain.csv")
+            out, err = Console(file=io.StringIO(), width=200), Console(file=io.StringIO(), width=200)
+            code, document = await runner._run(settings, out, err)
+            assert "no statistics extension" in " ".join(err.file.getvalue().split())
+            return code, document
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    code, doc = asyncio.run(main())
+    assert code == 0 and doc["server_statistics"] is False
+    assert doc["model"]["max_batch_size"] is None  # no config: the leading -1 is the batch dimension
+    (level,) = doc["levels"]
+    assert level["batch_size"] == 2 and level["completed"] > 0 and level["errors"] == 0
+    assert level["server"] is None and level["server_total"] is None
+    with open(tmp_path / "plain.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["Server Queue"] == "" and float(row["Inferences/Second"]) > 0
 
 
 # --------------------------------------------------------------------------------------

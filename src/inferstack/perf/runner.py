@@ -110,7 +110,7 @@ class Progress:
         self.batch_size = batch_size
         self.bar = RichProgress(SpinnerColumn(), TextColumn("[bold]levels"), BarColumn(bar_width=24),
                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-                                console=console, transient=True)
+                                console=console, transient=True, refresh_per_second=4)
         self.task = self.bar.add_task("starting", total=levels)
 
     def __enter__(self) -> Progress:

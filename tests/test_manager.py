@@ -1,5 +1,5 @@
 """The model manager in process: reloads, the retired-version hand-over, failed loads,
-repository snapshots and poll-mode scans (no server, no HTTP)."""
+repository snapshots, poll-mode scans and warmup samples (no server, no HTTP)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inferstack._proto import model_config_pb2 as mc
 from inferstack.core.errors import InvalidArgumentError, ModelLoadError, UnavailableError
 from inferstack.core.types import InferenceRequest
-from inferstack.repository import ModelRepository
+from inferstack.repository import ModelConfigError, ModelRepository
+from inferstack.repository.config import parse_config_text
 from inferstack.serving import ModelManager, ModelState, ServerOptions
+from inferstack.serving.warmup import build_samples
 from inferstack.serving.watcher import RepositoryWatcher
 from inferstack.testing import onnx_models
 
@@ -205,6 +208,92 @@ def test_watcher_loads_reloads_and_unloads_only_what_changed(tmp_path: Path):
         assert manager.get("a") is a2
         await watcher.poll_once()
         assert watcher.scans == 5
+        await manager.shutdown()
+
+    run(scenario())
+
+
+# -- warmup samples -------------------------------------------------------------------------------
+
+
+def _warmup_config(text: str) -> mc.ModelConfig:
+    return parse_config_text(text, "cfg")
+
+
+def test_warmup_samples_follow_tritons_rules(tmp_path: Path):
+    (tmp_path / "warmup").mkdir()
+    row = np.arange(4, dtype=np.float32)
+    (tmp_path / "warmup" / "row.bin").write_bytes(row.tobytes() + b"extra is fine")
+    config = _warmup_config("""
+max_batch_size: 8
+model_warmup [
+  { name: "zeros" batch_size: 3 count: 2 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } },
+  { name: "random" batch_size: 1 inputs { key: "A" value: { data_type: TYPE_INT32 dims: [ 2, 2 ] random_data: true } } },
+  { name: "file" batch_size: 2 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "row.bin" } } },
+  { name: "text" batch_size: 1 inputs { key: "S" value: { data_type: TYPE_STRING dims: [ 2 ] zero_data: true } } },
+  { name: "skipped" batch_size: 0 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } }
+]
+""")
+    samples = {s.name: s for s in build_samples(config, tmp_path, "m")}
+    assert set(samples) == {"zeros", "random", "file", "text"}
+    assert samples["zeros"].inputs["A"].shape == (3, 4) and samples["zeros"].count == 2
+    assert not samples["zeros"].inputs["A"].any()
+    assert samples["random"].inputs["A"].dtype == np.int32 and samples["random"].count == 1
+    np.testing.assert_array_equal(samples["file"].inputs["A"], np.stack([row, row]))
+    assert samples["text"].inputs["S"].tolist() == [[b"", b""]]
+
+
+@pytest.mark.parametrize(
+    ("sample", "message"),
+    [
+        ('batch_size: 9 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } }',
+         "exceeds max_batch_size 8"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ -1 ] zero_data: true } }',
+         "must all be specified"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] } }',
+         "set one of zero_data"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "short.bin" } }',
+         "needs 16 bytes"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "missing.bin" } }',
+         "not found"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "../config.pbtxt" } }',
+         "inside the model's warmup/ folder"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "/etc/passwd" } }',
+         "inside the model's warmup/ folder"),
+        ('batch_size: 1 inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "link.bin" } }',
+         "inside the model's warmup/ folder"),
+        ("batch_size: 1", "no inputs"),
+    ],
+)
+def test_bad_warmup_samples_name_the_sample(tmp_path: Path, sample: str, message: str):
+    (tmp_path / "warmup").mkdir()
+    (tmp_path / "warmup" / "short.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "config.pbtxt").write_text("secret")
+    (tmp_path / "warmup" / "link.bin").symlink_to(tmp_path / "config.pbtxt")
+    config = _warmup_config(f'max_batch_size: 8 model_warmup [ {{ name: "w1" {sample} }} ]')
+    with pytest.raises(ModelConfigError, match=message) as caught:
+        build_samples(config, tmp_path, "model 'm'")
+    assert "warmup sample 'w1'" in str(caught.value)
+
+
+def test_warmup_runs_on_every_instance_and_a_bad_sample_fails_the_load(tmp_path: Path):
+    warmup = ('model_warmup [ { name: "w" batch_size: 2 count: 3 inputs { key: "INPUT0" '
+              'value: { data_type: TYPE_FP32 dims: [ %d ] zero_data: true } } } ]\n')
+    onnx_models.write_model(tmp_path, "good", onnx_models.add_constant(1.0),
+                            CONFIG % 0 + "instance_group [ { count: 2 } ]\n" + warmup % 4)
+    onnx_models.write_model(tmp_path, "bad", onnx_models.add_constant(1.0), CONFIG % 0 + warmup % 3)
+
+    async def scenario():
+        manager = manager_for(tmp_path)
+        await manager.load("good")
+        good = manager.get("good")
+        assert good.warmup_seconds > 0 and good.load_seconds >= good.warmup_seconds
+        assert good.stats.success.count == 0  # warmup is not traffic
+        with pytest.raises(ModelLoadError, match="warmup sample 'w' is invalid") as caught:
+            await manager.load("bad")
+        assert "shape [2, 3]" in str(caught.value)
+        (row,) = [r for r in manager.index() if r["name"] == "bad"]
+        assert row["state"] == "UNAVAILABLE" and "warmup" in row["reason"]
         await manager.shutdown()
 
     run(scenario())

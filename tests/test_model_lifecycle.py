@@ -1,6 +1,6 @@
 """Model lifecycle through the real server: poll mode, hot reload under load with zero
-failed requests, failed loads, unload freeing memory, path safety and load requests
-with a config override."""
+failed requests, failed loads, unload freeing memory, warmup, path safety and load
+requests with a config override."""
 
 from __future__ import annotations
 
@@ -333,6 +333,52 @@ instance_group [ { count: 2 } ]
     assert rss[50] - rss[10] < 30, rss
 
 
+# -- warmup ------------------------------------------------------------------------------------------
+
+
+def _warmup(dims: int, count: int) -> str:
+    return (f'model_warmup [ {{ name: "sample" batch_size: 1 count: {count} inputs {{ key: "INPUT0" '
+            f'value: {{ data_type: TYPE_FP32 dims: [ {dims} ] random_data: true }} }} }} ]\n')
+
+
+def test_warmup_runs_before_the_model_is_ready(start_server, tmp_path: Path):
+    onnx_models.write_model(tmp_path, "slow", onnx_models.slow_identity(4, repeats=2000),
+                            "max_batch_size: 4\n" + _warmup(4, 20))
+    server = start_server(tmp_path, wait_ready=False)
+    seen: Counter[str] = Counter()
+    while httpx.get(f"{server.url}/v2/models/slow/ready", timeout=TIMEOUT).status_code != 200:
+        seen["not ready"] += 1
+        row = index(server).get(("slow", None))
+        if row is not None:
+            seen[row.get("state", "")] += 1
+        assert server.process.poll() is None
+        time.sleep(0.05)
+    assert seen["not ready"] > 0 and seen["LOADING"] > 0, seen
+    log = server.log()
+    (warmup_line,) = _log_lines(server, r"model slow version 1: warmup ran 1 sample\(s\) on 1 instance\(s\) in")
+    (ready_line,) = _log_lines(server, r"model slow version 1: READY \(loaded in .*, warmup")
+    assert log.index(warmup_line) < log.index(ready_line)
+    warmup_seconds = float(re.search(r"in ([0-9.]+)s", warmup_line).group(1))
+    metrics = httpx.get(server.metrics_url, timeout=TIMEOUT).text
+    (gauge,) = [line for line in metrics.splitlines() if line.startswith('inferstack_model_load_seconds{model="slow"')]
+    assert float(gauge.rsplit(" ", 1)[1]) >= warmup_seconds
+    x = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    response = httpx.post(f"{server.url}/v2/models/slow/infer", json=x, timeout=TIMEOUT)
+    assert response.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_bad_warmup_makes_the_version_unavailable(start_server, tmp_path: Path):
+    onnx_models.write_model(tmp_path, "bad", onnx_models.add_constant(1.0), "max_batch_size: 4\n" + _warmup(3, 1))
+    onnx_models.write_model(tmp_path, "good", onnx_models.add_constant(1.0), "max_batch_size: 4\n" + _warmup(4, 2))
+    server = start_server(tmp_path, "--no-strict-readiness")
+    row = index(server)[("bad", "1")]
+    assert row["state"] == "UNAVAILABLE"
+    assert "warmup sample 'sample' is invalid" in row["reason"] and "shape [1, 3]" in row["reason"]
+    response = httpx.post(f"{server.url}/v2/models/bad/infer", json=ZEROS, timeout=TIMEOUT)
+    assert response.status_code == 503 and "warmup" in response.json()["error"]
+    assert constant(server, "good") == 1.0
+
+
 # -- path safety ---------------------------------------------------------------------------------------
 
 
@@ -382,10 +428,13 @@ def test_model_names_and_versions_never_leave_the_repository(start_server, tmp_p
     assert _raw_post(server, "/v2/models/%2E%2E/infer", json.dumps(ZEROS).encode())[0] == 400
     status, body = _raw_post(server, "/v2/models/m/versions/%C2%B2/infer", json.dumps(ZEROS).encode())
     assert status == 400 and "not a number" in body["error"]
-    # A config override cannot point the backend outside either.
+    # A config override cannot point the backend or the warmup outside either.
     for override, why in (
         ({"max_batch_size": 16, "default_model_filename": "../../outside/real/1/model.onnx"}, "not a path"),
         ({"max_batch_size": 16, "default_model_filename": "/etc/passwd"}, "not a path"),
+        ({"max_batch_size": 16, "model_warmup": [{"name": "w", "batch_size": 1, "inputs": {"INPUT0": {
+            "data_type": "TYPE_FP32", "dims": [4], "input_data_file": "../../../outside/real/1/model.onnx"}}}]},
+         "inside the model's warmup/ folder"),
     ):
         response = load(server, "m", {"parameters": {"config": json.dumps(override)}})
         assert response.status_code == 400 and why in response.json()["error"], response.text

@@ -59,7 +59,7 @@ class ModelCollector(Collector):
             f"{PREFIX}_model_ready", "1 if the model version is READY, else 0.", labels=_LABELS
         )
         load_seconds = GaugeMetricFamily(
-            f"{PREFIX}_model_load_seconds", "Time the model version took to load.", labels=_LABELS
+            f"{PREFIX}_model_load_seconds", "Time the model version took to load, warmup included.", labels=_LABELS
         )
         histograms: dict[str, tuple[str, list[tuple[list[str], Histogram]]]] = {
             "request_duration_seconds": ("Latency of successful requests inside the server.", []),

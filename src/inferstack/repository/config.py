@@ -98,7 +98,6 @@ def tensor_specs(tensors: Any) -> list[TensorSpec]:
 # Fields we parse but do not act on yet: the load still succeeds and the log
 # says what was ignored, so nobody believes a feature is on when it is not.
 _IGNORED_FIELDS = {
-    "model_warmup": "model warmup is not supported yet",
     "batch_input": "batch inputs are not supported",
     "batch_output": "batch outputs are not supported",
     "model_operations": "model operations are not supported",

@@ -158,6 +158,7 @@ class ModelManager:
                     name, number, version_config, backend, model_path,
                     server_max_queue_size=self.options.max_queue_size,
                     response_cache=self.options.response_cache,
+                    model_dir=model_dir,
                 )
                 await version.load()
             except (ModelConfigError, InferenceServerError) as exc:
@@ -170,7 +171,8 @@ class ModelManager:
                 return
             version.source = origin
             version.lookup = functools.partial(self.get, name)
-            self._log_state(name, number, ModelState.READY, f"loaded in {version.load_seconds:.2f}s")
+            warmup = f", warmup {version.warmup_seconds:.2f}s" if version.config.model_warmup else ""
+            self._log_state(name, number, ModelState.READY, f"loaded in {version.load_seconds:.2f}s{warmup}")
             new_versions[number] = version
 
         await asyncio.gather(*(load_version(v) for v in versions))

@@ -29,9 +29,10 @@ from inferstack.core.errors import (
 )
 from inferstack.core.stats import ModelStats
 from inferstack.core.types import InferenceRequest, InferenceResponse
-from inferstack.repository.config import TensorSpec, config_to_dict, tensor_specs
+from inferstack.repository.config import ModelConfigError, TensorSpec, config_to_dict, tensor_specs
 from inferstack.scheduling import QueuePolicy, Scheduler, SchedulerConfig
 from inferstack.serving.cache import ResponseCache, request_key
+from inferstack.serving.warmup import WarmupSample, build_samples
 
 log = logging.getLogger("inferstack.models")
 
@@ -143,6 +144,7 @@ class ModelVersion:
         *,
         server_max_queue_size: int = 1024,
         response_cache: ResponseCache | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -171,7 +173,11 @@ class ModelVersion:
                 _warned_no_cache.add(name)
                 log.warning("model %s enables response_cache, but the server has no cache; start it "
                             "with --cache-config local,size=<bytes> to use one", name)
+        #: Instance creation plus warmup, i.e. how long the version took to become READY.
         self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+        #: Where ``warmup/`` data files are read from.
+        self.model_dir = model_dir
         #: What this version was loaded from (config and file fingerprints), so a
         #: reload can keep it when nothing it depends on changed. Set by the manager.
         self.source: tuple | None = None
@@ -190,27 +196,71 @@ class ModelVersion:
     # -- lifecycle ----------------------------------------------------------------
 
     async def load(self) -> None:
-        """Create every instance (off the loop) and start the scheduler; READY on success."""
+        """Create every instance and run the warmup samples through each (all off the
+        loop), then start the scheduler; READY on success. Nothing is left behind on
+        failure: instances already created are unloaded."""
         started = time.perf_counter()
         specs = instance_specs(self.config)
 
-        def create() -> list[ModelInstance]:
+        def create() -> tuple[list[ModelInstance], float]:
+            samples = self._warmup_samples()
             created: list[ModelInstance] = []
+            warmup = 0.0
             try:
                 for spec in specs:
-                    created.append(self.backend.load(self.config, self.model_path, spec))
+                    instance = self.backend.load(self.config, self.model_path, spec)
+                    created.append(instance)
+                    warmup += self._warm_up(instance, spec, samples)
             except BaseException:
                 for instance in created:
                     instance.unload()
                 raise
-            return created
+            if samples:
+                log.info("model %s version %d: warmup ran %d sample(s) on %d instance(s) in %.2fs",
+                         self.name, self.version, len(samples), len(created), warmup)
+            return created, warmup
 
-        instances = await asyncio.to_thread(create)
+        instances, self.warmup_seconds = await asyncio.to_thread(create)
         self.scheduler = Scheduler(
             scheduler_config(self.config, self._server_max_queue_size), instances, self.stats
         )
         self.load_seconds = time.perf_counter() - started
         self.state = ModelState.READY
+
+    def _warmup_samples(self) -> list[tuple[WarmupSample, dict[str, np.ndarray], list[str]]]:
+        """Each warmup sample with its backend inputs, checked like a request would be."""
+        what = f"model {self.name!r} version {self.version}"
+        prepared = []
+        for sample in build_samples(self.config, self.model_dir, what):
+            request = InferenceRequest(model_name=self.name, inputs=sample.inputs)
+            try:
+                inputs, outputs, _ = self._prepare(request)
+            except InferenceServerError as exc:
+                raise ModelConfigError(f"{what}: warmup sample {sample.name!r} is invalid: {exc.message}") from None
+            prepared.append((sample, inputs, outputs))
+        return prepared
+
+    def _warm_up(self, instance: ModelInstance, spec: InstanceSpec,
+                 samples: list[tuple[WarmupSample, dict[str, np.ndarray], list[str]]]) -> float:
+        """Run every sample ``count`` times on one instance; seconds spent."""
+        started = time.perf_counter()
+        for sample, inputs, outputs in samples:
+            for _ in range(sample.count):
+                try:
+                    results = instance.execute(inputs, outputs)
+                except Exception as exc:
+                    message = exc.message if isinstance(exc, InferenceServerError) else f"{type(exc).__name__}: {exc}"
+                    raise ModelConfigError(
+                        f"model {self.name!r} version {self.version}: warmup sample {sample.name!r} "
+                        f"failed on instance {spec.name}: {message}"
+                    ) from None
+                missing = [name for name in outputs if name not in results]
+                if missing:
+                    raise ModelConfigError(
+                        f"model {self.name!r} version {self.version}: warmup sample {sample.name!r} "
+                        f"on instance {spec.name}: the backend did not produce outputs {missing}"
+                    )
+        return time.perf_counter() - started
 
     async def unload(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish (bounded), free the instances."""

@@ -98,6 +98,27 @@ def test_reload_keeps_versions_whose_files_did_not_change(tmp_path: Path):
     run(scenario())
 
 
+def test_a_reloaded_version_never_answers_from_the_old_ones_cache(tmp_path: Path):
+    from inferstack.serving.cache import LocalResponseCache
+
+    onnx_models.write_model(tmp_path, "m", onnx_models.add_constant(1.0),
+                            CONFIG % 0 + "response_cache { enable: true }\n")
+
+    async def scenario():
+        manager = ModelManager(ServerOptions(model_repository=tmp_path, model_control_mode="explicit",
+                                             response_cache=LocalResponseCache(1 << 20)))
+        await manager.load("m")
+        assert answer(await manager.get("m").infer(request("m"))) == 1.0
+        assert answer(await manager.get("m").infer(request("m"))) == 1.0  # a hit
+        assert manager.get("m").stats.cache_hit.count == 1
+        (tmp_path / "m" / "1" / "model.onnx").write_bytes(onnx_models.add_constant(4.0))
+        await manager.load("m")  # same version number, new model file
+        assert answer(await manager.get("m").infer(request("m"))) == 4.0
+        await manager.shutdown()
+
+    run(scenario())
+
+
 def test_a_failed_new_version_leaves_the_old_one_serving(tmp_path: Path):
     onnx_models.write_model(tmp_path, "m", onnx_models.add_constant(1.0), CONFIG % 0)
 

@@ -9,6 +9,7 @@ handful of tuple comparisons per input — never a walk over tensor data.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ from inferstack.serving.cache import ResponseCache, request_key
 from inferstack.serving.warmup import WarmupSample, build_samples
 
 log = logging.getLogger("inferstack.models")
+
+#: Numbers every ModelVersion object: a reloaded version (same number, maybe new
+#: files) must never be answered from the cache entries of the copy it replaced.
+_load_ids = itertools.count(1)
 
 #: Models already warned about enabling the response cache on a server without one.
 _warned_no_cache: set[str] = set()
@@ -173,6 +178,8 @@ class ModelVersion:
                 _warned_no_cache.add(name)
                 log.warning("model %s enables response_cache, but the server has no cache; start it "
                             "with --cache-config local,size=<bytes> to use one", name)
+        #: The version as the cache key sees it: this copy's number plus a load id.
+        self._cache_version = f"{version}#{next(_load_ids)}"
         #: Instance creation plus warmup, i.e. how long the version took to become READY.
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
@@ -369,7 +376,7 @@ class ModelVersion:
         """Hash the request and look it up; counts the hit or the miss (Triton's stats)."""
         assert self.cache is not None
         started = time.perf_counter_ns()
-        key = request_key(self.name, self.version, inputs, outputs)
+        key = request_key(self.name, self._cache_version, inputs, outputs)
         cached = await self.cache.get(key)
         if cached is not None:
             self.stats.record_cache_hit(time.perf_counter_ns() - started)

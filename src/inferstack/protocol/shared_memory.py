@@ -197,8 +197,8 @@ class _Region:
 
     def close(self) -> None:
         os.close(self._fd)
-        self._view.release()
         try:
+            self._view.release()
             self._map.close()
         except BufferError:
             # numpy views of the region are still alive (a response not yet

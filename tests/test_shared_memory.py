@@ -381,3 +381,47 @@ def test_disabled_by_default(server: ServerProcess, regions) -> None:
         assert "--allow-client-shm" in _error(lambda: client.infer("mlp", [tensor]))
     finally:
         client.close()
+
+
+# -- over gRPC, with tritonclient.grpc ------------------------------------------------------------
+
+
+def test_grpc_shared_memory_inputs_outputs_and_status(shm_server: ServerProcess, regions) -> None:
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    in_handle, in_key = regions("g_in", x.nbytes)
+    out_handle, out_key = regions("g_out", 2 * 10 * 4)
+    shm.set_shared_memory_region(in_handle, [x])
+    with grpcclient.InferenceServerClient(shm_server.grpc_url) as client:
+        client.unregister_system_shared_memory()
+        try:
+            client.register_system_shared_memory("g_in", in_key, x.nbytes)
+            client.register_system_shared_memory("g_out", out_key, 80)
+            status = client.get_system_shared_memory_status(as_json=True)["regions"]
+            assert set(status) == {"g_in", "g_out"} and status["g_in"]["key"] == in_key
+            tensor = grpcclient.InferInput("INPUT0", [2, 64], "FP32")
+            tensor.set_shared_memory("g_in", x.nbytes)
+            output = grpcclient.InferRequestedOutput("OUTPUT0")
+            output.set_shared_memory("g_out", 80)
+            result = client.infer("mlp", [tensor], outputs=[output])
+            answer = result.get_output("OUTPUT0")
+            assert answer.parameters["shared_memory_region"].string_param == "g_out"
+            got = shm.get_contents_as_numpy(out_handle, np.float32, [2, 10])
+            np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+            # A raw input beside a shared memory output still decodes (raw entries skip shm inputs).
+            raw_input = grpcclient.InferInput("INPUT0", [2, 64], "FP32")
+            raw_input.set_data_from_numpy(x)
+            again = client.infer("mlp", [raw_input], outputs=[output])
+            assert again.get_output("OUTPUT0").parameters["shared_memory_byte_size"].int64_param == 80
+            with pytest.raises(InferenceServerException) as info:
+                client.register_system_shared_memory("g_in", in_key, x.nbytes)
+            assert info.value.status() == "StatusCode.ALREADY_EXISTS"
+            missing = grpcclient.InferInput("INPUT0", [2, 64], "FP32")
+            missing.set_shared_memory("nope", x.nbytes)
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("mlp", [missing])
+            assert info.value.status() == "StatusCode.NOT_FOUND" and "nope" in info.value.message()
+        finally:
+            client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}

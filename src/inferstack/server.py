@@ -89,7 +89,7 @@ class InferenceServer:
         self.http_api = HttpApi(
             self.manager, max_body_bytes=settings.max_request_bytes, shared_memory=self.shared_memory
         )
-        self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS)
+        self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS, shared_memory=self.shared_memory)
         self._stop = asyncio.Event()
 
     def request_shutdown(self) -> None:

@@ -17,6 +17,7 @@ from inferstack._proto import grpc_service_pb2 as pb
 from inferstack.core.datatypes import DATATYPES, datatype_of, numpy_dtype
 from inferstack.core.errors import InvalidArgumentError, UnsupportedError
 from inferstack.core.types import InferenceRequest, InferenceResponse, RequestedOutput
+from inferstack.protocol.shared_memory import SharedMemoryLease, SharedMemoryRef, shared_memory_reference
 from inferstack.protocol.tensors import check_shape, element_count, tensor_from_bytes, tensor_to_bytes
 
 # Which typed ``InferTensorContents`` field carries each datatype.
@@ -63,16 +64,28 @@ def _set_parameter(target: Any, value: Any) -> None:
         target.string_param = str(value)
 
 
-def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
-    """Decode a ModelInferRequest; every malformed field raises InvalidArgumentError."""
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
-            "give every input raw contents or none"
-        )
+def decode_infer_request(
+    message: pb.ModelInferRequest, shared_memory: SharedMemoryLease | None = None
+) -> tuple[InferenceRequest, dict[str, SharedMemoryRef]]:
+    """Decode a ModelInferRequest; every malformed field raises InvalidArgumentError.
+
+    Returns the request and the outputs to be written to shared memory.
+    Inputs in shared memory are read through ``shared_memory`` (the request's
+    lease); they have no ``raw_input_contents`` entry, as tritonclient sends.
+    """
     if not message.inputs:
         raise InvalidArgumentError("the request has no inputs")
+    input_refs = [
+        shared_memory_reference(parameters_to_dict(t.parameters), f"input {t.name!r}") for t in message.inputs
+    ]
+    raw = message.raw_input_contents
+    with_raw = sum(1 for ref in input_refs if ref is None)
+    if raw and len(raw) != with_raw:
+        raise InvalidArgumentError(
+            f"raw_input_contents has {len(raw)} entries for {with_raw} inputs not in shared memory; "
+            "give every such input raw contents or none"
+        )
+    raw_index = 0
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
         name = tensor.name
@@ -86,25 +99,35 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
                 f"{', '.join(sorted(DATATYPES))}"
             )
         shape = check_shape(list(tensor.shape), name)
-        if "shared_memory_region" in tensor.parameters:
-            raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported over gRPC yet")
-        if raw:
-            inputs[name] = tensor_from_bytes(
-                raw[index], shape, tensor.datatype, name, source=f"raw_input_contents[{index}] size"
+        ref = input_refs[index]
+        if ref is not None:
+            if shared_memory is None:
+                raise UnsupportedError(f"input {name!r}: shared memory inputs are not supported here")
+            inputs[name] = shared_memory.read_input(
+                ref.region, ref.offset, ref.byte_size, tensor.datatype, shape, tensor=name
             )
+        elif raw:
+            inputs[name] = tensor_from_bytes(
+                raw[raw_index], shape, tensor.datatype, name, source=f"raw_input_contents[{raw_index}] size"
+            )
+            raw_index += 1
         elif tensor.HasField("contents"):
             inputs[name] = _from_contents(tensor.contents, shape, tensor.datatype, name)
         else:
             raise InvalidArgumentError(f"input {name!r} has neither raw_input_contents nor contents")
     outputs = None
+    shm_outputs: dict[str, SharedMemoryRef] = {}
     if message.outputs:
         outputs = []
         for requested in message.outputs:
             params = parameters_to_dict(requested.parameters)
-            if "shared_memory_region" in params:
-                raise UnsupportedError(
-                    f"output {requested.name!r}: shared memory outputs are not supported over gRPC yet"
-                )
+            ref = shared_memory_reference(params, f"output {requested.name!r}")
+            if ref is not None:
+                if shared_memory is None:
+                    raise UnsupportedError(f"output {requested.name!r}: shared memory outputs are not supported here")
+                # Unknown region or bounds: a 4xx before the model runs.
+                shared_memory.check_output(ref.region, ref.offset, ref.byte_size, tensor=requested.name)
+                shm_outputs[requested.name] = ref
             if params.get("classification"):
                 raise UnsupportedError(
                     f"output {requested.name!r}: the classification extension is not supported yet"
@@ -115,7 +138,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
         value = parameters.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise InvalidArgumentError(f"request parameter {key!r} must be a non-negative integer")
-    return InferenceRequest(
+    request = InferenceRequest(
         model_name=message.model_name,
         model_version=message.model_version,
         id=message.id,
@@ -123,6 +146,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
         outputs=outputs,
         parameters=parameters,
     )
+    return request, shm_outputs
 
 
 def _from_contents(contents: Any, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
@@ -149,8 +173,17 @@ def _from_contents(contents: Any, shape: tuple[int, ...], datatype: str, name: s
     return wide.astype(dtype, copy=False).reshape(shape)
 
 
-def encode_infer_response(response: InferenceResponse) -> pb.ModelInferResponse:
-    """Encode outputs as raw_output_contents (one entry per output, in order)."""
+def encode_infer_response(
+    response: InferenceResponse,
+    shm_outputs: dict[str, SharedMemoryRef] | None = None,
+    shared_memory: SharedMemoryLease | None = None,
+) -> pb.ModelInferResponse:
+    """Encode outputs as raw_output_contents (one entry per output, in order).
+
+    An output requested in shared memory is written there; its response entry
+    carries the shared memory parameters and an empty raw entry, which keeps
+    the raw entries aligned with the outputs as clients index them.
+    """
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
@@ -161,6 +194,13 @@ def encode_infer_response(response: InferenceResponse) -> pb.ModelInferResponse:
     raw = message.raw_output_contents
     for name, array in response.outputs.items():
         datatype = datatype_of(array)
-        message.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        raw.append(tensor_to_bytes(array, datatype))
+        output = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        ref = shm_outputs.get(name) if shm_outputs else None
+        if ref is not None and shared_memory is not None:
+            shared_memory.write_output(ref.region, ref.offset, ref.byte_size, array, datatype, tensor=name)
+            for key, value in ref.parameters().items():
+                _set_parameter(output.parameters[key], value)
+            raw.append(b"")
+        else:
+            raw.append(tensor_to_bytes(array, datatype))
     return message

@@ -32,6 +32,7 @@ from inferstack.protocol.grpc_codec import (
     encode_infer_response,
     parameter_value,
 )
+from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.repository.config import ModelConfigError, parse_config_json
 from inferstack.serving import ModelManager
 
@@ -43,8 +44,17 @@ T = TypeVar("T")
 class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
     """Every RPC of the service, bound to one model manager."""
 
-    def __init__(self, manager: ModelManager, *, extensions: list[str], server_name: str = "inferstack") -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        *,
+        extensions: list[str],
+        shared_memory: SystemSharedMemory | None = None,
+        server_name: str = "inferstack",
+    ) -> None:
         self.manager = manager
+        #: The server's system shared memory regions (the same registry HTTP uses).
+        self.shared_memory = shared_memory if shared_memory is not None else SystemSharedMemory()
         self.extensions = extensions
         self.server_name = server_name
         #: Set while shutting down: ServerReady turns false.
@@ -115,8 +125,12 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         version = self.manager.get(request.model_name, request.model_version)
-        response = await version.infer(decode_infer_request(request))
-        return encode_infer_response(response)
+        # The lease keeps regions mapped until the outputs are written, even if
+        # they are unregistered meanwhile.
+        with self.shared_memory.lease() as shm:
+            infer_request, shm_outputs = decode_infer_request(request, shm)
+            response = await version.infer(infer_request)
+            return encode_infer_response(response, shm_outputs, shm)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self._call(context, lambda: self._infer(request))
@@ -213,28 +227,58 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call(context, work)
 
+    # -- system shared memory -----------------------------------------------------------
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        async def work() -> pb.SystemSharedMemoryStatusResponse:
+            response = pb.SystemSharedMemoryStatusResponse()
+            for region in self.shared_memory.status(request.name):
+                response.regions[region["name"]].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+                )
+            return response
+
+        return await self._call(context, work)
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        async def work() -> pb.SystemSharedMemoryRegisterResponse:
+            self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._call(context, work)
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        async def work() -> pb.SystemSharedMemoryUnregisterResponse:
+            self.shared_memory.unregister(request.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._call(context, work)
+
     # -- not supported (yet) ------------------------------------------------------------
 
     async def _unsupported(self, context: Any, what: str) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported")
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "system shared memory over gRPC")
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "system shared memory over gRPC")
-
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "system shared memory over gRPC")
-
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+    # Like HTTP: status lists nothing and unregister succeeds (perf_analyzer
+    # unregisters both kinds before it starts); only registering is refused.
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> pb.CudaSharedMemoryStatusResponse:
+        return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CUDA shared memory is not supported by this server; use system shared memory",
+        )
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def TraceSetting(self, request: Any, context: Any) -> Any:
         return await self._unsupported(context, "trace settings")

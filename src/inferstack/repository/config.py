@@ -263,7 +263,7 @@ def parse_config_json(text: str | bytes, source: str) -> mc.ModelConfig:
     try:
         document = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise ModelConfigError(f"{source}: not valid JSON: {exc}") from None
+        raise ModelConfigError(f"{source}: malformed JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ModelConfigError(f"{source}: must be a JSON object")
     return config_from_dict(document, source)

@@ -94,6 +94,18 @@ class ModelManager:
         ready = sum(1 for name in names if self._models.get(name) and self._models[name].ready_versions())
         log.info("startup: %d of %d models ready", ready, len(names))
 
+    def require_explicit_mode(self, action: str) -> None:
+        """Load/unload through the API is only for ``explicit`` mode (Triton's rule).
+
+        400, not 503: retrying cannot help, the server's mode forbids it.
+        """
+        mode = self.options.model_control_mode
+        if mode != "explicit":
+            raise InvalidArgumentError(
+                f"explicit model {action} is not allowed in model control mode {mode!r}; "
+                "start the server with --model-control-mode explicit"
+            )
+
     async def load(self, name: str, config_override: mc.ModelConfig | None = None) -> None:
         """Load (or reload) a model.
 

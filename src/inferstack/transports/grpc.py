@@ -186,19 +186,11 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
                           reason=r.get("reason", "")) for r in rows]
         )
 
-    def _require_explicit(self, action: str) -> None:
-        mode = self.manager.options.model_control_mode
-        if mode != "explicit":
-            raise InvalidArgumentError(
-                f"explicit model {action} is not allowed in model control mode {mode!r}; "
-                "start the server with --model-control-mode explicit"
-            )
-
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         async def work() -> pb.RepositoryModelLoadResponse:
-            self._require_explicit("load")
+            self.manager.require_explicit_mode("load")
             override = None
             for key, value in request.parameters.items():
                 if key == "config":
@@ -221,7 +213,7 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         async def work() -> pb.RepositoryModelUnloadResponse:
-            self._require_explicit("unload")
+            self.manager.require_explicit_mode("unload")
             await self.manager.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 

@@ -39,7 +39,7 @@ from inferstack.core.errors import (
 from inferstack.observability.logs import request_id_var
 from inferstack.protocol import rest
 from inferstack.protocol.shared_memory import SystemSharedMemory
-from inferstack.repository.config import ModelConfigError, config_from_dict
+from inferstack.repository.config import ModelConfigError, parse_config_json
 from inferstack.serving import ModelManager
 
 log = logging.getLogger("inferstack.http")
@@ -247,7 +247,7 @@ class HttpApi:
         return _json(self.manager.index(ready_only))
 
     async def repository_load(self, request: Request, model: str) -> Response:
-        self._require_explicit("load")
+        self.manager.require_explicit_mode("load")
         body = await self.read_body(request)
         override = None
         if body.strip():
@@ -259,7 +259,7 @@ class HttpApi:
                 if not isinstance(config_text, str):
                     raise InvalidArgumentError("parameter 'config' must be a JSON string")
                 try:
-                    override = config_from_dict(_parse_json_object(config_text.encode()), f"config for {model!r}")
+                    override = parse_config_json(config_text, f"parameter 'config' for {model!r}")
                 except ModelConfigError as exc:
                     raise InvalidArgumentError(str(exc)) from None
         self.manager.repository.model_dir(model)  # 400 / 404 naming the problem
@@ -267,7 +267,7 @@ class HttpApi:
         return _json({})
 
     async def repository_unload(self, request: Request, model: str) -> Response:
-        self._require_explicit("unload")
+        self.manager.require_explicit_mode("unload")
         await self.read_body(request)
         await self.manager.unload(model)
         return _json({})
@@ -305,15 +305,6 @@ class HttpApi:
         # as clients (perf_analyzer) unregister both kinds before they start.
         await self.read_body(request)
         return _json({})
-
-    def _require_explicit(self, action: str) -> None:
-        mode = self.manager.options.model_control_mode
-        if mode != "explicit":
-            # 400, not 503: retrying cannot help, the server's mode forbids it.
-            raise InvalidArgumentError(
-                f"explicit model {action} is not allowed in model control mode {mode!r}; "
-                "start the server with --model-control-mode explicit"
-            )
 
     # -- app --------------------------------------------------------------------------
 

@@ -85,13 +85,17 @@ def test_semantic_errors(text, message):
         validate_config(config, "m", "cfg")
 
 
-def test_fields_we_do_not_act_on_are_reported():
-    config = parse_config_text("max_batch_size: 4 response_cache { enable: true } model_warmup [ { name: \"w\" } ]", "cfg")
+def test_fields_we_do_not_act_on_are_reported_and_the_rest_are_not():
+    config = parse_config_text(
+        'max_batch_size: 4 batch_input [ { target_name: "x" } ] model_operations { op_library_filename: "a.so" } '
+        'response_cache { enable: true } model_warmup [ { name: "w" } ]',
+        "cfg",
+    )
     warnings = validate_config(config, "m", "cfg")
-    # The response cache is acted on now (serving/cache.py): no warning.
-    assert not any("response_cache" in w for w in warnings)
-    # Warmup is acted on now (serving/warmup.py): no warning.
-    assert not any("model_warmup" in w for w in warnings)
+    assert any("batch_input ignored" in w for w in warnings)
+    assert any("model_operations ignored" in w for w in warnings)
+    # Acted on (serving/cache.py, serving/warmup.py): no warning.
+    assert not any("response_cache" in w or "model_warmup" in w for w in warnings)
 
 
 @pytest.mark.parametrize(

@@ -154,3 +154,25 @@ def test_json_logs_carry_request_ids_and_state_changes(start_server, tmp_path: P
     records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(r.get("model") == "a" and r.get("state") == "READY" for r in records)
     assert any(r["request_id"] == "req-42" and "400" in r["message"] for r in records)
+
+
+def test_http_port_in_use_exits_cleanly_with_an_error(tmp_path: Path):
+    import socket
+
+    from tests.support import free_port
+
+    onnx_models.write_model(tmp_path, "a", onnx_models.add_constant(1.0))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "inferstack", "serve", "--model-repository", str(tmp_path),
+             "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(free_port()),
+             "--metrics-port", str(free_port())],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "HTTP server stopped unexpectedly" in result.stderr
+    assert "stopped" in result.stderr.splitlines()[-1]

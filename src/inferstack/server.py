@@ -151,7 +151,7 @@ class InferenceServer:
                 timeout_keep_alive=75,
             )
         )
-        http_task = loop.create_task(http.serve(), name="http")
+        http_task = loop.create_task(_serve_http(http), name="http")
         loading = loop.create_task(self.manager.load_startup_models(), name="load-models")
         if watcher is not None:
             watcher.start(after=loading)
@@ -161,11 +161,9 @@ class InferenceServer:
         try:
             done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if http_task in done:
-                # uvicorn returned (or exited) on its own: it could not bind.
-                exit_code = 1
-                with contextlib.suppress(BaseException):
-                    http_task.result()
-                log.error("HTTP server stopped unexpectedly")
+                # uvicorn returned on its own: it could not bind (it logged why).
+                exit_code = http_task.result() or 1
+                log.error("HTTP server stopped unexpectedly; shutting down")
             else:
                 log.info("no longer accepting; waiting up to %.0fs for in-flight requests",
                          s.exit_timeout_secs)
@@ -173,10 +171,7 @@ class InferenceServer:
                 if grpc_server is not None:
                     # Refuses new RPCs at once, lets running ones finish within the grace.
                     grpc_stopping = loop.create_task(grpc_server.stop(s.exit_timeout_secs))
-                try:
-                    await http_task
-                except SystemExit as exc:  # uvicorn exits on a startup failure
-                    exit_code = exc.code if isinstance(exc.code, int) else 1
+                exit_code = await http_task
         finally:
             if grpc_server is not None:
                 if grpc_stopping is None:
@@ -197,6 +192,19 @@ class InferenceServer:
                 metrics_server.server_close()
         log.info("stopped")
         return exit_code
+
+
+async def _serve_http(http: uvicorn.Server) -> int:
+    """Run uvicorn; its startup failures (``sys.exit`` inside uvicorn) become an exit code.
+
+    A SystemExit escaping a task would stop the event loop and skip our
+    shutdown (models unloaded, gRPC and metrics stopped).
+    """
+    try:
+        await http.serve()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) and exc.code else 1
+    return 0
 
 
 def run_server(settings: ServerSettings) -> int:

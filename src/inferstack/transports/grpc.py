@@ -69,6 +69,12 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode[error.grpc_code], error.message)
         except ModelConfigError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Like HTTP's 500: logged with the traceback, a generic message out.
+            log.exception("gRPC call failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
         raise AssertionError("unreachable")  # context.abort always raises
 
     # -- health and metadata ------------------------------------------------------------
@@ -149,9 +155,14 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(request: pb.ModelInferRequest) -> None:
             try:
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
-            except InferenceServerError as error:
+            except Exception as error:  # every request gets an answer, even on a bug
+                if isinstance(error, InferenceServerError):
+                    message = error.message
+                else:
+                    log.exception("gRPC stream request failed")
+                    message = "internal server error; see the server log"
                 answer = pb.ModelStreamInferResponse(
-                    error_message=error.message,
+                    error_message=message,
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version, id=request.id
                     ),

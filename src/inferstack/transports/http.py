@@ -254,6 +254,11 @@ class HttpApi:
             parameters = _parse_json_object(body).get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise InvalidArgumentError("'parameters' must be a JSON object")
+            files = [key for key in parameters if key.startswith("file:")]
+            if files:
+                raise UnsupportedError(
+                    f"loading model files sent in the request ({files[0]!r}) is not supported"
+                )
             if "config" in parameters:
                 config_text = parameters["config"]
                 if not isinstance(config_text, str):

@@ -184,3 +184,43 @@ def perf(
         workers=workers, timeout=request_timeout,
     )
     raise typer.Exit(run(settings))
+
+
+@app.command(no_args_is_help=True)
+def analyze(
+    model_name: Annotated[str, typer.Option("-m", "--model-name", help="Model to analyze (a directory of the repository).")],
+    repository: Annotated[
+        Path,
+        typer.Option("--repository", "--model-repository", help="Model repository holding the model (only read: a temporary copy is served).",
+                     exists=True, file_okay=False, dir_okay=True, resolve_path=True),
+    ],
+    latency_budget_ms: Annotated[float, typer.Option(help="p99 latency budget: the best config has the highest throughput within it.", min=0.001)] = 20.0,
+    max_instances: Annotated[int, typer.Option(help="Instance counts 1..N (threads split so instances x threads ~ cores).", min=1, max=64)] = 4,
+    batch_sizes: Annotated[str, typer.Option(help="max_batch_size values to try (1: no batching).")] = "1,4,8,16",
+    preferred_batch_sizes: Annotated[Optional[str], typer.Option(help="preferred_batch_size values to try below each max (default: the largest batch size below it).")] = None,
+    delays_us: Annotated[str, typer.Option(help="max_queue_delay_microseconds values to try.")] = "0,100,1000",
+    concurrency: Annotated[str, typer.Option(help="Concurrency levels to measure each config at.")] = "1,4,16",
+    measurement_interval: Annotated[float, typer.Option("-p", "--measurement-interval", help="Window length in ms.", min=1)] = 1000,
+    stability_percentage: Annotated[float, typer.Option(help="Stable when the last 3 windows' throughputs are within this % of their mean.")] = 10.0,
+    max_trials: Annotated[int, typer.Option(help="Most windows per level.", min=1)] = 5,
+    protocol: Annotated[PerfProtocol, typer.Option("-i", "--protocol", help="http or grpc.")] = PerfProtocol.http,
+    shape: Annotated[Optional[list[str]], typer.Option("--shape", help="NAME:D1,D2 size of an input's dynamic dims (no batch dim); repeatable.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A small grid: 1 and 2 instances, the largest batch size, the smallest and largest delay.")] = False,
+    output_config: Annotated[Optional[Path], typer.Option(help="Where to write the best config.pbtxt (default: ./<model>.analyzed.config.pbtxt).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (refused otherwise).")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a throughput vs p99 PNG (needs matplotlib: inferstack\\[perf]).")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every measurement to this JSON file.")] = None,
+    server_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to start, and for each model load.", min=1)] = 300.0,
+) -> None:
+    """Find the best configuration of a model: sweep instances, batching and queue delay on a server of its own (like Triton's Model Analyzer)."""
+    from inferstack.analyze.runner import AnalyzeSettings, run
+
+    settings = AnalyzeSettings(
+        model=model_name, repository=repository, latency_budget_ms=latency_budget_ms, max_instances=max_instances,
+        batch_sizes=batch_sizes, preferred_batch_sizes=preferred_batch_sizes, delays_us=delays_us,
+        concurrency=concurrency, measurement_interval_ms=measurement_interval,
+        stability_percentage=stability_percentage, max_trials=max_trials, protocol=protocol.value,
+        shapes=list(shape or []), output_config=output_config, overwrite=overwrite, plot=plot, json=json_file,
+        quick=quick, server_timeout=server_timeout,
+    )
+    raise typer.Exit(run(settings))

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -438,44 +439,38 @@ async def fetch_stats(host: str, port: int, model: str) -> tuple[int, int] | Non
         await conn.close()
 
 
-async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elems: int, concurrency: int,
-                    duration: float, warmup: float, client_kind: str, server_pid: int | None,
-                    timeout: float, max_errors: int) -> LevelResult:
-    body, hlen = encode_binary_infer(x)
-    path = f"/v2/models/{model}/infer"
-    hdrs = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)}
-    data = build_request("POST", path, host, port, body, hdrs)
-    want = 4 * out_elems
+#: One client's request: performs a single request, checks the response, and returns None
+#: when it is correct, else a short description of what was wrong (exceptions count as errors too).
+RequestFn = Callable[[], Awaitable["str | None"]]
 
-    httpx_client = None
-    if client_kind == "httpx":
-        import httpx
 
-        httpx_client = httpx.AsyncClient(
-            base_url=f"http://{host}:{port}", timeout=timeout,
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
-        conns = [HttpxConnection(httpx_client, path, body, hdrs) for _ in range(concurrency)]
-    else:
-        conns = [RawConnection(host, port, timeout) for _ in range(concurrency)]
+async def measure_level(*, model: str, batch: int, calls: Sequence[RequestFn], duration: float, warmup: float,
+                        server_pid: int | None, timeout: float, max_errors: int,
+                        stats: Callable[[], Awaitable[tuple[int, int] | None]] | None = None) -> LevelResult:
+    """Closed loop: one task per entry of ``calls`` sends requests back to back.
 
+    ``warmup`` s unmeasured, then ``duration`` s measured: latency per successful request,
+    CPU of this process, of the server's process tree (``server_pid``) and of the machine, and
+    (``stats``: cumulative (inference_count, execution_count)) the server's average batch size.
+    Protocol-agnostic: ``run_level`` (binary HTTP) and ``bench_compare.py`` (JSON HTTP, gRPC,
+    another server) build the ``calls``.
+    """
     state = {"recording": False, "stop": False, "errors": 0}
     lat: list[int] = []
     err_samples: list[str] = []
     perf = time.perf_counter_ns
 
-    async def worker(conn) -> None:
+    async def worker(call: RequestFn) -> None:
         while not state["stop"]:
             t0 = perf()
             try:
-                status, headers, rbody = await conn.request(data)
-                ok = status == 200 and expected_output_nbytes(headers, rbody) == want
-                if not ok and len(err_samples) < 5:
-                    err_samples.append(f"HTTP {status}: {rbody[:300]!r}")
+                problem = await call()
             except Exception as e:  # noqa: BLE001 - reported
-                ok = False
-                if len(err_samples) < 5:
-                    err_samples.append(repr(e))
+                problem = repr(e)
                 await asyncio.sleep(0.05)
+            ok = problem is None
+            if not ok and len(err_samples) < 5:
+                err_samples.append(problem)
             t1 = perf()
             if state["recording"]:
                 if ok:
@@ -487,10 +482,10 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
             if state["errors"] > max_errors:
                 state["stop"] = True
 
-    tasks = [asyncio.create_task(worker(c)) for c in conns]
+    tasks = [asyncio.create_task(worker(c)) for c in calls]
     try:
         await asyncio.sleep(warmup)
-        stats0 = await fetch_stats(host, port, model)
+        stats0 = await stats() if stats else None
         warmup_errors, state["errors"] = state["errors"], 0
         c0, s0, m0, t0 = self_cpu(), process_tree_cpu(server_pid) if server_pid else None, machine_cpu(), time.perf_counter()
         state["recording"] = True
@@ -499,7 +494,7 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
             await asyncio.sleep(min(0.1, max(0.0, end - time.perf_counter())))
         state["recording"] = False
         c1, s1, m1, t1 = self_cpu(), process_tree_cpu(server_pid) if server_pid else None, machine_cpu(), time.perf_counter()
-        stats1 = await fetch_stats(host, port, model)
+        stats1 = await stats() if stats else None
         state["stop"] = True
         _, pending = await asyncio.wait(tasks, timeout=timeout + 5)
         for t in pending:
@@ -509,18 +504,14 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.close()
-        if httpx_client is not None:
-            await httpx_client.aclose()
 
     el = t1 - t0
     n = len(lat)
     arr = np.asarray(lat, dtype=np.float64) / 1e6 if n else np.asarray([np.nan])
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    b = int(x.shape[0])
+    b = batch
     res = LevelResult(
-        model=model, concurrency=concurrency, batch=b, duration_s=round(el, 3), requests=n,
+        model=model, concurrency=len(calls), batch=b, duration_s=round(el, 3), requests=n,
         errors=state["errors"], warmup_errors=warmup_errors,
         throughput_rps=n / el, infer_per_s=n * b / el,
         p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(np.mean(arr)), max_ms=float(np.max(arr)),
@@ -540,8 +531,54 @@ async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elem
     return res
 
 
-async def validate_model(host: str, port: int, model: str, x: np.ndarray, ref: np.ndarray) -> list[str]:
-    """One binary and one JSON request; compare OUTPUT0 with onnxruntime. Returns a list of problems."""
+async def run_level(*, host: str, port: int, model: str, x: np.ndarray, out_elems: int, concurrency: int,
+                    duration: float, warmup: float, client_kind: str, server_pid: int | None,
+                    timeout: float, max_errors: int) -> LevelResult:
+    """Binary-tensor HTTP requests of ``x`` (``measure_level`` with RawConnection or httpx clients)."""
+    body, hlen = encode_binary_infer(x)
+    path = f"/v2/models/{model}/infer"
+    hdrs = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)}
+    data = build_request("POST", path, host, port, body, hdrs)
+    want = 4 * out_elems
+
+    httpx_client = None
+    if client_kind == "httpx":
+        import httpx
+
+        httpx_client = httpx.AsyncClient(
+            base_url=f"http://{host}:{port}", timeout=timeout,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        conns = [HttpxConnection(httpx_client, path, body, hdrs) for _ in range(concurrency)]
+    else:
+        conns = [RawConnection(host, port, timeout) for _ in range(concurrency)]
+    try:
+        return await measure_level(model=model, batch=int(x.shape[0]),
+                                   calls=[http_call(c, data, want) for c in conns], duration=duration,
+                                   warmup=warmup, server_pid=server_pid, timeout=timeout, max_errors=max_errors,
+                                   stats=lambda: fetch_stats(host, port, model))
+    finally:
+        for c in conns:
+            await c.close()
+        if httpx_client is not None:
+            await httpx_client.aclose()
+
+
+def http_call(conn, data: bytes, want_nbytes: int) -> RequestFn:
+    """A RequestFn sending pre-encoded ``data`` on ``conn``; OK = HTTP 200 with ``want_nbytes`` of OUTPUT0
+    (binary, or JSON ``data`` elements * 4)."""
+
+    async def call() -> str | None:
+        status, headers, rbody = await conn.request(data)
+        if status == 200 and expected_output_nbytes(headers, rbody) == want_nbytes:
+            return None
+        return f"HTTP {status}: {rbody[:300]!r}"
+
+    return call
+
+
+async def validate_model(host: str, port: int, model: str, x: np.ndarray, ref: np.ndarray,
+                         kinds: Sequence[str] = ("binary", "json")) -> list[str]:
+    """One binary and/or one JSON request; compare OUTPUT0 with onnxruntime. Returns a list of problems."""
     problems = []
     path = f"/v2/models/{model}/infer"
     body, hlen = encode_binary_infer(x)
@@ -551,6 +588,7 @@ async def validate_model(host: str, port: int, model: str, x: np.ndarray, ref: n
                                  {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)})),
         ("json", build_request("POST", path, host, port, encode_json_infer(x), {"Content-Type": "application/json"})),
     ]
+    cases = [(kind, req) for kind, req in cases if kind in kinds]
     conn = RawConnection(host, port, 60.0)
     try:
         for kind, req in cases:

@@ -298,15 +298,7 @@ class Analysis:
         try:
             model = inputs_mod.model_info(await client.metadata(), await client.config())
             tensors = inputs_mod.build_inputs(model, self.plan.shapes, 1, "random", 0)
-            requests = []
-            for t in tensors:
-                if s.protocol == "grpc":
-                    encoded = inputs_mod.encode_tensors(model, t)
-                    requests.append(client.infer_request([(e.name, e.datatype, e.shape, e.raw) for e in encoded],
-                                                         [o.name for o in model.outputs]))
-                else:
-                    body, header_length = inputs_mod.http_body(model, t, True)
-                    requests.append(client.infer_request(body, header_length))
+            requests = inputs_mod.encode_requests(client, model, tensors, s.protocol, binary=True)
             stats = client.statistics if await client.statistics() is not None else None
             port = server.grpc_port if s.protocol == "grpc" else server.http_port
             generator = LoadGenerator(GeneratorConfig(

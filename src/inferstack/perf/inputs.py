@@ -379,3 +379,17 @@ def http_body(model: ModelInfo, tensors: dict[str, np.ndarray], binary: bool) ->
             values = array.reshape(-1).tolist()
         inputs.append({"name": t.name, "shape": list(array.shape), "datatype": t.datatype, "data": values})
     return orjson.dumps({"inputs": inputs, "outputs": outputs}), None
+
+
+def encode_requests(client: Any, model: ModelInfo, tensors: list[Any], protocol: str, binary: bool) -> list[bytes]:
+    """Pre-encode one wire request per input set, for ``client`` (HTTP or gRPC)."""
+    requests: list[bytes] = []
+    for t in tensors:
+        if protocol == "grpc":
+            encoded = encode_tensors(model, t)
+            requests.append(client.infer_request([(e.name, e.datatype, e.shape, e.raw) for e in encoded],
+                                                 [o.name for o in model.outputs]))
+        else:
+            body, header_length = http_body(model, t, binary)
+            requests.append(client.infer_request(body, header_length))
+    return requests

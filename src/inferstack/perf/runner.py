@@ -151,15 +151,7 @@ async def _prepare(settings: PerfSettings, client: Any) -> tuple[inputs_mod.Mode
     model = inputs_mod.model_info(metadata, config)
     shapes = inputs_mod.parse_shape_options(settings.shapes)
     tensors = inputs_mod.build_inputs(model, shapes, settings.batch_size, settings.input_data, settings.seed)
-    requests: list[bytes] = []
-    for t in tensors:
-        if settings.protocol == "grpc":
-            encoded = inputs_mod.encode_tensors(model, t)
-            requests.append(client.infer_request([(e.name, e.datatype, e.shape, e.raw) for e in encoded],
-                                                 [o.name for o in model.outputs]))
-        else:
-            body, hlen = inputs_mod.http_body(model, t, settings.binary)
-            requests.append(client.infer_request(body, hlen))
+    requests = inputs_mod.encode_requests(client, model, tensors, settings.protocol, settings.binary)
     return model, requests, len(requests[0])
 
 

@@ -107,6 +107,12 @@ def serve(
         typer.Option("--cache-config", callback=_check_cache_config, metavar="local,size=BYTES",
                      help="Response cache for models with response_cache { enable: true }: local,size=BYTES (Triton's syntax)."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(help="Server processes sharing the ports (SO_REUSEPORT), each with its own copy of the models; "
+                          "the metrics port merges them. Not with explicit model control or client shared memory.",
+                     min=1),
+    ] = 1,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
 ) -> None:
@@ -136,6 +142,13 @@ def serve(
         exit_timeout_secs=exit_timeout_secs,
         cache_config=list(cache_config or []),
     )
+    if workers > 1:
+        from inferstack.workers import check_worker_settings, run_workers
+
+        problem = check_worker_settings(settings, workers)
+        if problem:
+            raise typer.BadParameter(problem, param_hint="--workers")
+        raise typer.Exit(run_workers(settings, workers, log_level=log_level.value, log_format=log_format.value))
     raise typer.Exit(run_server(settings))
 
 

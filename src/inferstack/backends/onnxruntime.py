@@ -177,11 +177,17 @@ def _complete_tensors(
 
 
 def _usable_cores() -> int:
-    """CPUs this process may run on (affinity-aware, unlike os.cpu_count())."""
+    """CPUs this process may use: affinity-aware (unlike os.cpu_count()), and divided
+    between the worker processes of ``serve --workers N`` (each loads its own models)."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        processes = int(os.environ.get("INFERSTACK_WORKER_PROCESSES", "1"))
+    except ValueError:
+        processes = 1
+    return max(1, cores // max(1, processes))
 
 
 def _int_parameter(config: mc.ModelConfig, key: str) -> int:

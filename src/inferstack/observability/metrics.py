@@ -173,5 +173,5 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> A
     Returns the server; call ``shutdown()`` on it to stop.
     """
     server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server

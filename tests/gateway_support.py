@@ -57,7 +57,7 @@ class Replica(ServerProcess):
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         args = [
             sys.executable, "-m", "inferstack", "serve", "--model-repository", str(repository),
             "--host", "127.0.0.1", "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
@@ -105,7 +105,7 @@ class GatewayProcess:
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         args = [sys.executable, "-m", "inferstack", "gateway", "--config", str(self.config_path),
                 "--host", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port), "--health-interval", "0.2", *extra]

@@ -338,7 +338,7 @@ def test_kill_replica_zero_failed_requests_then_readmitted(gateway: GatewayProce
 
 def test_model_loading_somewhere_is_503_with_retry_after(gateway: GatewayProcess, workdir: Path) -> None:
     repo = workdir / "repo_loader"
-    warmup = ('model_warmup [ { name: "w" batch_size: 1 count: 150 inputs { key: "INPUT0" '
+    warmup = ('model_warmup [ { name: "w" batch_size: 1 count: 30 inputs { key: "INPUT0" '
               'value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]')
     onnx_models.write_model(repo, "loader", onnx_models.slow_identity(4, repeats=300),
                             SLOW_CONFIG % "max_queue_delay_microseconds: 0" + warmup)

@@ -94,7 +94,7 @@ class CircuitBreaker:
         self._roll()
         self._ok += 1
         self.consecutive = 0
-        if self.state != CLOSED:
+        if self.state == HALF_OPEN:  # the probe worked (a late answer while OPEN proves nothing)
             self.state = CLOSED
             self._probe_in_flight = False
 
@@ -102,6 +102,8 @@ class CircuitBreaker:
         self._roll()
         self._bad += 1
         self.consecutive += 1
+        if self.state == OPEN:
+            return
         if self.state == HALF_OPEN:
             self._open()
             return

@@ -250,13 +250,11 @@ class GrpcProxy:
             raise
         label = result.replica.label if result.replica else ""
         code = "200" if result.status == 200 and result.failure is None else str(result.status or 502)
-        gw.metrics.requests.labels(model, variant, label, "grpc", code).inc()
+        gw.metrics.done(model, variant, label, "grpc", code, time.perf_counter() - started)
         if variant:
             context.set_trailing_metadata((("x-inferstack-variant", variant), ("x-inferstack-replica", label)))
-        if code == "200":
-            gw.metrics.latency.labels(model, variant, label).observe(time.perf_counter() - started)
-            if policy is not None and policy.shadow is not None and policy.shadow_hit():
-                self._shadow(policy, model, data, forward, result, timeout)
+        if code == "200" and policy is not None and policy.shadow is not None and policy.shadow_hit():
+            self._shadow(policy, model, data, forward, result, timeout)
         return await self._finish(result, context), variant, result
 
     async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:

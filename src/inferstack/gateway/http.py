@@ -208,11 +208,9 @@ class GatewayHttpApp:
             extra.append((b"x-inferstack-variant", variant.encode()))
         extra.append((b"x-inferstack-replica", replica_label.encode()))
         await _send(send, status, body_out, request_id, extra)
-        gw.metrics.requests.labels(model, variant, replica_label, "http", str(status)).inc()
-        if status == 200:
-            gw.metrics.latency.labels(model, variant, replica_label).observe(time.perf_counter() - started)
-            if policy is not None and policy.shadow is not None and policy.shadow_hit():
-                self._shadow(policy, model, body, head, result, timeout)
+        gw.metrics.done(model, variant, replica_label, "http", str(status), time.perf_counter() - started)
+        if status == 200 and policy is not None and policy.shadow is not None and policy.shadow_hit():
+            self._shadow(policy, model, body, head, result, timeout)
         return status
 
     def _shadow(self, policy: Policy, model: str, body: bytes, head: bytes, primary: Result, timeout: float) -> None:

@@ -8,7 +8,7 @@ hot path pays nothing for it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -48,6 +48,19 @@ class GatewayMetrics:
         self.shadow_latency = Histogram(f"{P}_shadow_duration_seconds", "Latency of shadow requests.",
                                         ["model", "shadow"], buckets=_BUCKETS, registry=r)
         r.register(_ReplicaCollector(pool))
+        self._done: dict[tuple[str, ...], tuple[Any, Any]] = {}
+
+    def done(self, model: str, variant: str, replica: str, protocol: str, code: str, seconds: float) -> None:
+        """Count one answered request (and its latency when it succeeded); label children are cached."""
+        key = (model, variant, replica, protocol, code)
+        children = self._done.get(key)
+        if children is None:
+            if len(self._done) > 10_000:
+                self._done.clear()
+            children = self._done[key] = (self.requests.labels(*key), self.latency.labels(model, variant, replica))
+        children[0].inc()
+        if code == "200":
+            children[1].observe(seconds)
 
 
 class _ReplicaCollector:

@@ -76,6 +76,7 @@ async def serve(config: GatewayConfig) -> int:
         GatewayHttpApp(gateway), host=config.host, port=config.http_port, http="httptools", lifespan="off",
         log_config=None, access_log=False, timeout_graceful_shutdown=max(1, int(config.exit_timeout_s)),
         timeout_keep_alive=75, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+        proxy_headers=False, server_header=False, date_header=False,
     ))
     http_task = loop.create_task(_serve_http(http), name="http")
     stop_task = loop.create_task(stop.wait())

@@ -125,3 +125,49 @@ def test_parse_pending() -> None:
             'inferstack_pending_requests{model="a",version="2"} 1.0\n'
             'inferstack_pending_requests{model="b",version="1"} 0.0\ninferstack_other{model="a"} 9\n')
     assert parse_pending(text) == {"a": 4.0, "b": 0.0}
+
+
+def test_upstream_client_framing_reuse_timeout_and_connect_errors() -> None:
+    import asyncio
+
+    from inferstack.gateway.upstream import HttpUpstream, UpstreamError
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                if b"/chunked" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+                elif b"/close" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil-close")
+                    writer.close()
+                    return
+                elif b"/hang" in head:
+                    await asyncio.sleep(3)
+                else:
+                    writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\nX-A: b\r\n\r\nabc")
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = HttpUpstream(f"http://127.0.0.1:{port}")
+        assert await client.request(b"POST", "/x", b"", b"body") == (201, {"content-length": "3", "x-a": "b"}, b"abc")
+        assert len(client._idle) == 1  # kept alive
+        assert (await client.request(b"POST", "/chunked", b"", b""))[2] == b"hello world"
+        assert (await client.request(b"GET", "/close", b""))[2] == b"until-close"
+        with pytest.raises(TimeoutError):
+            await client.request(b"GET", "/hang", b"", timeout=0.2)
+        assert (await client.request(b"GET", "/x", b""))[0] == 201
+        client.close()
+        server.close()
+        with pytest.raises(UpstreamError) as info:
+            await HttpUpstream(f"http://127.0.0.1:{port}").request(b"GET", "/", b"")
+        assert info.value.connect
+
+    asyncio.run(main())

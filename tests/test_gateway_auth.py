@@ -51,12 +51,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict) -> Iterator[Ga
             "jwt": {"hs256_secret": HS_SECRET, "rs256_public_key_file": "rs256.pem", "audience": AUDIENCE},
         },
         "rate_limits": {"per_model": {"model_b": {"rps": 0.2, "burst": 3}}},
+        "limits": {"max_request_bytes": 100_000},
     }
     try:
         process = GatewayProcess(config, workdir)
     except BaseException:
         replica.stop()
         raise
+    process.replica = replica  # type: ignore[attr-defined]
+    process.workdir = workdir  # type: ignore[attr-defined]
     try:
         process.wait("/v2/models/model_a/ready", headers={"x-api-key": "key-all"})
         yield process
@@ -140,3 +143,55 @@ def test_rate_limits_per_key_and_per_model(gateway: GatewayProcess) -> None:
     assert codes[:3] == [200, 200, 200] and codes[-1] == 429
     assert gateway.metric("inferstack_gateway_rate_limited_total", model="model_b", scope="model") >= 1
     assert gateway.metric("inferstack_gateway_rate_limited_total", model="model_a", scope="key") >= 1
+
+
+def test_request_size_limit(gateway: GatewayProcess) -> None:
+    big = b'{"inputs": []}' + b" " * 200_000
+    response = httpx.post(gateway.url + "/v2/models/model_a/infer", content=big, headers={"x-api-key": "key-all"})
+    assert response.status_code == 413 and "100000" in response.json()["error"]
+
+
+def test_tls_termination(gateway: GatewayProcess) -> None:
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    workdir = gateway.workdir  # type: ignore[attr-defined]
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (workdir / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (workdir / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                                         serialization.NoEncryption()))
+    config = {"replicas": {"static": [gateway.replica.spec]},  # type: ignore[attr-defined]
+              "tls": {"cert": "tls.crt", "key": "tls.key"}}
+    tls = GatewayProcess(config, workdir, name="tls", wait_ready=False)
+    try:
+        https = tls.url.replace("http://", "https://")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(https + "/v2/models/model_a/ready", verify=False, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert tls.process.poll() is None, tls.log()
+            time.sleep(0.1)
+        response = httpx.post(https + "/v2/models/model_a/infer", content=infer_body(X),
+                              verify=ssl.create_default_context(cafile=str(workdir / "tls.crt")), timeout=30)
+        assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on the TLS port
+            httpx.get(tls.url + "/v2/health/live", timeout=5)
+    finally:
+        tls.stop()

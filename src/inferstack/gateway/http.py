@@ -43,6 +43,10 @@ _ids = itertools.count(1)
 _id_prefix = f"gw{os.getpid():x}"
 
 
+class _Disconnected(Exception):
+    """The client went away before its request body arrived: nobody to answer."""
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -98,6 +102,8 @@ class GatewayHttpApp:
                 return
             status, body, extra = await self.other(scope, receive, headers, request_id, method, path)
             await _respond(send, status, body, request_id, extra)
+        except _Disconnected:
+            status = 499
         except HttpError as exc:
             status = exc.status
             extra = [(b"retry-after", str(exc.retry_after).encode())] if exc.retry_after else []
@@ -126,7 +132,7 @@ class GatewayHttpApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise _Disconnected
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)

@@ -171,3 +171,48 @@ def test_upstream_client_framing_reuse_timeout_and_connect_errors() -> None:
         assert info.value.connect
 
     asyncio.run(main())
+
+
+def test_http_server_keepalive_pipelining_chunked_limits() -> None:
+    import asyncio
+
+    from inferstack.gateway.httpserver import HttpServer, Request, Response
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/boom":
+            raise RuntimeError("handler bug")
+        if request.path == "/slow":
+            await asyncio.sleep(0.1)
+        body = f"{request.method} {request.path} {request.query.decode()} {len(request.body)}".encode()
+        return Response(200, body, [(b"x-echo", request.headers.get(b"x-echo", b""))])
+
+    async def exchange(port: int, data: bytes, responses: int) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        out = []
+        for _ in range(responses):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            out.append(head.split(b"\r\n")[0] + b" | " + await reader.readexactly(length))
+        writer.close()
+        return out
+
+    async def main() -> None:
+        server = HttpServer(handler, max_body=100)
+        port = await server.start("127.0.0.1", 0)
+        # Pipelined: answered in order although the first is slower.
+        answers = await exchange(port, b"GET /slow?a=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                       b"POST /b%20c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-Echo: hi\r\n\r\nabc",
+                                 2)
+        assert answers == [b"HTTP/1.1 200 OK | GET /slow a=1 0", b"HTTP/1.1 200 OK | POST /b c  3"]
+        chunked = await exchange(port, b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 1)
+        assert chunked == [b"HTTP/1.1 200 OK | POST /c  5"]
+        too_big = await exchange(port, b"POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + b"x" * 500, 1)
+        assert too_big[0].startswith(b"HTTP/1.1 413") and b"100 bytes" in too_big[0]
+        assert (await exchange(port, b"GET /boom HTTP/1.1\r\n\r\n", 1))[0].startswith(b"HTTP/1.1 500")
+        assert (await exchange(port, b"NOT HTTP AT ALL\r\n\r\n", 1))[0].startswith(b"HTTP/1.1 400")
+        await server.shutdown(1)
+
+    asyncio.run(main())

@@ -23,6 +23,7 @@ import orjson
 from inferstack import __version__
 from inferstack.gateway.auth import AuthError, Principal, check_admin
 from inferstack.gateway.config import ConfigError, parse_replica
+from inferstack.gateway.httpserver import Request, Response
 from inferstack.gateway.policies import Policy, Target
 from inferstack.gateway.ratelimit import RateLimited
 from inferstack.gateway.replicas import NoReplica, Replica
@@ -41,10 +42,6 @@ _FORWARD = frozenset((b"content-type", b"inference-header-content-length", b"con
 _BACK = ("content-type", "inference-header-content-length", "content-encoding", "retry-after")
 _ids = itertools.count(1)
 _id_prefix = f"gw{os.getpid():x}"
-
-
-class _Disconnected(Exception):
-    """The client went away before its request body arrived: nobody to answer."""
 
 
 class HttpError(Exception):
@@ -79,69 +76,31 @@ class GatewayHttpApp:
 
     # -- ASGI plumbing ---------------------------------------------------------------
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                while True:
-                    message = await receive()
-                    if message["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    elif message["type"] == "lifespan.shutdown":
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
-            return
-        headers: dict[bytes, bytes] = dict(scope["headers"])
+    async def __call__(self, req: Request) -> Response:
+        headers = req.headers
         request_id = (headers.get(b"x-request-id") or b"").decode("latin-1") or f"{_id_prefix}-{next(_ids)}"
-        path: str = scope["path"]
-        method: str = scope["method"]
+        path = req.path
+        method = req.method
         started = time.perf_counter()
         status = 500
         try:
             if path.startswith("/v2/models/") and method == "POST" and path.endswith("/infer"):
-                status = await self.infer(scope, receive, send, headers, request_id, started)
-                return
-            status, body, extra = await self.other(scope, receive, headers, request_id, method, path)
-            await _respond(send, status, body, request_id, extra)
-        except _Disconnected:
-            status = 499
+                response = await self.infer(req, request_id, started)
+            else:
+                status, body, extra = await self.other(req, request_id)
+                response = _response(status, body, request_id, extra)
         except HttpError as exc:
-            status = exc.status
             extra = [(b"retry-after", str(exc.retry_after).encode())] if exc.retry_after else []
-            await _respond(send, status, orjson.dumps({"error": exc.message}), request_id, extra)
+            response = _response(exc.status, orjson.dumps({"error": exc.message}), request_id, extra)
         except Exception:
             log.exception("%s %s failed (request %s)", method, path, request_id)
-            status = 500
-            await _respond(send, 500, orjson.dumps({"error": "internal gateway error; see the gateway log"}),
-                           request_id, [])
-        finally:
-            if self.access_log:
-                client = scope.get("client") or ("-", 0)
-                access.info("%s %s %s %d %.2fms id=%s", client[0], method, path, status,
-                            (time.perf_counter() - started) * 1000, request_id)
-
-    async def _body(self, receive: Any, headers: dict[bytes, bytes]) -> bytes:
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                if int(length) > self.max_body:
-                    raise HttpError(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body}")
-            except ValueError:
-                raise HttpError(400, "Content-Length is not a number") from None
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > self.max_body:
-                    raise HttpError(413, f"request body exceeds the limit of {self.max_body} bytes")
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            response = _response(500, orjson.dumps({"error": "internal gateway error; see the gateway log"}),
+                                 request_id, [])
+        status = response.status
+        if self.access_log:
+            access.info("%s %s %s %d %.2fms id=%s", req.client, method, path, status,
+                        (time.perf_counter() - started) * 1000, request_id)
+        return response
 
     def _principal(self, headers: dict[bytes, bytes], model: str | None) -> Principal:
         gw = self.gw
@@ -157,25 +116,25 @@ class GatewayHttpApp:
             raise HttpError(exc.status, exc.message) from None
         return principal
 
-    def _limit(self, principal: Principal, scope: dict[str, Any], model: str) -> None:
+    def _limit(self, principal: Principal, req: Request, model: str) -> None:
         try:
-            self.gw.limiter.check(principal, (scope.get("client") or ("-",))[0], model)
+            self.gw.limiter.check(principal, req.client, model)
         except RateLimited as exc:
             self.gw.metrics.rate_limited.labels(model, exc.scope).inc()
             raise HttpError(429, exc.message, exc.retry_after) from None
 
     # -- infer -----------------------------------------------------------------------
 
-    async def infer(self, scope: dict[str, Any], receive: Any, send: Any, headers: dict[bytes, bytes],
-                    request_id: str, started: float) -> int:
+    async def infer(self, req: Request, request_id: str, started: float) -> Response:
         gw = self.gw
-        parsed = _split_model_path(scope["path"][len("/v2/models/"):])
+        headers = req.headers
+        parsed = _split_model_path(req.path[len("/v2/models/"):])
         if parsed is None or parsed[2] != "infer":
-            raise HttpError(404, f"no endpoint POST {scope['path']}")
+            raise HttpError(404, f"no endpoint POST {req.path}")
         model, version, _ = parsed
         principal = self._principal(headers, model)
-        self._limit(principal, scope, model)
-        body = await self._body(receive, headers)
+        self._limit(principal, req, model)
+        body = req.body
         policy = gw.policies.get(model)
         sticky = None
         text_headers = _TextHeaders(headers)
@@ -184,7 +143,7 @@ class GatewayHttpApp:
         target, variant, policy = gw.resolve(model, version, text_headers, sticky)
         path = _infer_path(target)
         forward = [b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n"]
-        for name, value in scope["headers"]:
+        for name, value in req.raw_headers:
             if name in _FORWARD:
                 forward += [name, b": ", value, b"\r\n"]
         head = b"".join(forward)
@@ -213,11 +172,11 @@ class GatewayHttpApp:
         if variant:
             extra.append((b"x-inferstack-variant", variant.encode()))
         extra.append((b"x-inferstack-replica", replica_label.encode()))
-        await _send(send, status, body_out, request_id, extra)
+        response = _response(status, body_out, request_id, extra)
         gw.metrics.done(model, variant, replica_label, "http", str(status), time.perf_counter() - started)
         if status == 200 and policy is not None and policy.shadow is not None and policy.shadow_hit():
             self._shadow(policy, model, body, head, result, timeout)
-        return status
+        return response
 
     def _shadow(self, policy: Policy, model: str, body: bytes, head: bytes, primary: Result, timeout: float) -> None:
         assert policy.shadow is not None
@@ -258,15 +217,15 @@ class GatewayHttpApp:
 
     # -- everything else -------------------------------------------------------------
 
-    async def other(self, scope: dict[str, Any], receive: Any, headers: dict[bytes, bytes], request_id: str,
-                    method: str, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    async def other(self, req: Request, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         gw = self.gw
+        headers, method, path = req.headers, req.method, req.path
         if path == "/v2/health/live" and method == "GET":
             return 200, b"", []
         if path == "/v2/health/ready" and method == "GET":
             return (200 if gw.pool.ready() and not gw.draining else 503), b"", []
         if path.startswith("/admin/"):
-            return await self.admin(scope, receive, headers, method, path)
+            return await self.admin(req)
         if path in ("/v2", "/v2/") and method == "GET":
             self._principal(headers, None)
             return 200, orjson.dumps({"name": "inferstack-gateway", "version": __version__,
@@ -274,7 +233,7 @@ class GatewayHttpApp:
                                                      "model_configuration", "statistics", "parameters"]}), []
         if path == "/v2/repository/index" and method == "POST":
             principal = self._principal(headers, None)
-            body = await self._body(receive, headers)
+            body = req.body
             ready_only = False
             if body.strip():
                 try:
@@ -298,7 +257,7 @@ class GatewayHttpApp:
                 raise HttpError(400, "statistics of every model are per replica: ask for one model's, "
                                      "or each replica's /v2/models/stats")
             principal = self._principal(headers, model)
-            self._limit(principal, scope, model)
+            self._limit(principal, req, model)
             if suffix == "ready":
                 return (200 if self._model_ready(model, version) else 400), b"", []
             target, variant, _ = gw.resolve(model, version, _TextHeaders(headers))
@@ -328,9 +287,9 @@ class GatewayHttpApp:
 
     # -- admin API -------------------------------------------------------------------
 
-    async def admin(self, scope: dict[str, Any], receive: Any, headers: dict[bytes, bytes], method: str,
-                    path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    async def admin(self, req: Request) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         gw = self.gw
+        headers, method, path = req.headers, req.method, req.path
         authz = headers.get(b"authorization")
         try:
             check_admin(gw.config.admin_tokens_sha256, authz.decode("latin-1") if authz else None)
@@ -351,7 +310,7 @@ class GatewayHttpApp:
                         raise HttpError(404, f"no policy for model '{model}'")
                     return 200, orjson.dumps(policy.to_dict()), []
                 if len(parts) == 2 and method == "PUT":
-                    document = _json_object(await self._body(receive, headers))
+                    document = _json_object(req.body)
                     policy = gw.set_policy(model, document)
                     assert policy is not None
                     return 200, orjson.dumps(policy.to_dict()), []
@@ -367,7 +326,7 @@ class GatewayHttpApp:
                 if method == "GET":
                     return 200, orjson.dumps([r.describe() for r in gw.pool.replicas.values()]), []
                 if method in ("POST", "DELETE"):
-                    document = _json_object(await self._body(receive, headers))
+                    document = _json_object(req.body)
                     spec_text = document.get("replica")
                     if not isinstance(spec_text, str):
                         raise HttpError(400, "'replica' must be a string: http://host:port[,grpc=...][,metrics=...]")
@@ -443,14 +402,8 @@ async def _http_call(replica: Replica, method: bytes, path: str, head: bytes, bo
     return Result(status, data, headers)
 
 
-async def _send(send: Any, status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [(b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode("latin-1"))]
-    headers += extra
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _respond(send: Any, status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]]) -> None:
+def _response(status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]]) -> Response:
+    headers = [(b"x-request-id", request_id.encode("latin-1")), *extra]
     if body and not any(k == b"content-type" for k, _ in extra):
-        extra = [(b"content-type", _JSON), *extra]
-    await _send(send, status, body, request_id, extra)
+        headers.append((b"content-type", _JSON))
+    return Response(status, body, headers)

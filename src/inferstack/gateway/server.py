@@ -1,4 +1,4 @@
-"""The gateway process: replica polling, HTTP (uvicorn), gRPC proxy, metrics; graceful shutdown.
+"""The gateway process: replica polling, HTTP (``httpserver``), gRPC proxy, metrics; graceful shutdown.
 
 On SIGTERM/SIGINT readiness turns false (a load balancer in front stops
 sending), HTTP stops accepting and lets in-flight requests finish (bounded by
@@ -12,22 +12,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
-
-import uvicorn
+import ssl
 
 from inferstack.gateway.config import GatewayConfig
 from inferstack.gateway.grpc import GrpcProxy, create_grpc_server
 from inferstack.gateway.http import GatewayHttpApp
+from inferstack.gateway.httpserver import HttpServer
 from inferstack.gateway.routing import Gateway
 
 log = logging.getLogger("inferstack.gateway")
-
-
-class _UvicornServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -72,35 +65,34 @@ async def serve(config: GatewayConfig) -> int:
             return 1
         log.info("gRPC on %s:%d", config.host, bound)
 
-    http = _UvicornServer(uvicorn.Config(
-        GatewayHttpApp(gateway), host=config.host, port=config.http_port, http="httptools", lifespan="off",
-        log_config=None, access_log=False, timeout_graceful_shutdown=max(1, int(config.exit_timeout_s)),
-        timeout_keep_alive=75, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-        proxy_headers=False, server_header=False, date_header=False,
-    ))
-    http_task = loop.create_task(_serve_http(http), name="http")
-    stop_task = loop.create_task(stop.wait())
-    log.info("gateway on %s:%d over %d replica(s)%s", config.host, config.http_port, len(gateway.pool.replicas),
-             f" + DNS {', '.join(d.name for d in config.dns)}" if config.dns else "")
-    exit_code = 0
-    grpc_stopping = None
+    http = HttpServer(GatewayHttpApp(gateway), max_body=config.max_request_bytes)
+    ssl_context = None
+    if config.tls_cert and config.tls_key:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
     try:
-        done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if http_task in done:
-            exit_code = http_task.result() or 1
-            log.error("HTTP server stopped unexpectedly; shutting down")
-        else:
-            http.should_exit = True
-            if grpc_server is not None:
-                grpc_stopping = loop.create_task(grpc_server.stop(config.exit_timeout_s))
-            exit_code = await http_task
-    finally:
+        bound_http = await http.start(config.host, config.http_port, ssl_context)
+    except OSError as exc:
+        log.error("cannot serve HTTP on %s:%d: %s", config.host, config.http_port, exc)
         if grpc_server is not None:
-            if grpc_stopping is None:
-                grpc_stopping = loop.create_task(grpc_server.stop(0))
+            await grpc_server.stop(0)
+        await proxy.close()
+        await gateway.pool.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        return 1
+    log.info("gateway on %s:%d%s over %d replica(s)%s", config.host, bound_http, " (TLS)" if ssl_context else "",
+             len(gateway.pool.replicas), f" + DNS {', '.join(d.name for d in config.dns)}" if config.dns else "")
+    try:
+        await stop.wait()
+        grpc_stopping = None
+        if grpc_server is not None:
+            grpc_stopping = loop.create_task(grpc_server.stop(config.exit_timeout_s))
+        await http.shutdown(config.exit_timeout_s)
+        if grpc_stopping is not None:
             with contextlib.suppress(BaseException):
                 await grpc_stopping
-        stop_task.cancel()
+    finally:
         if gateway.shadow_tasks:
             await asyncio.wait(set(gateway.shadow_tasks), timeout=min(5.0, config.exit_timeout_s))
         await proxy.close()
@@ -109,14 +101,6 @@ async def serve(config: GatewayConfig) -> int:
             metrics_server.shutdown()
             metrics_server.server_close()
     log.info("stopped")
-    return exit_code
-
-
-async def _serve_http(http: uvicorn.Server) -> int:
-    try:
-        await http.serve()
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) and exc.code else 1
     return 0
 
 

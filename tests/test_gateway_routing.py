@@ -149,6 +149,19 @@ def test_tritonclient_http_and_grpc(gateway: GatewayProcess) -> None:
     inputs[0].set_data_from_numpy(x)
     result = gclient.infer("mlp", inputs)
     np.testing.assert_allclose(result.as_numpy("OUTPUT0"), expected, rtol=1e-4, atol=1e-5)
+    # Streaming: each request routed on its own, errors in the stream.
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    gclient.start_stream(callback=lambda result, error: answers.put((result, error)))
+    small_stream = [grpcclient.InferInput("INPUT0", [1, 4], "FP32")]
+    small_stream[0].set_data_from_numpy(X)
+    gclient.async_stream_infer("model_a", small_stream)
+    gclient.async_stream_infer("nope", small_stream)
+    first, second = answers.get(timeout=30), answers.get(timeout=30)
+    gclient.stop_stream()
+    np.testing.assert_array_equal(first[0].as_numpy("OUTPUT0"), X + 10)
+    assert second[1] is not None and "nope" in str(second[1])
     with pytest.raises(Exception) as info:
         gclient.infer("nope", inputs)
     assert "NOT_FOUND" in str(info.value) or "no replica" in str(info.value)

@@ -305,15 +305,41 @@ def test_slow_replica_gets_a_smaller_share(gateway: GatewayProcess, replicas: li
 
 
 def test_kill_replica_zero_failed_requests_then_readmitted(gateway: GatewayProcess, replicas: list[Replica]) -> None:
+    """HTTP and gRPC clients at full speed while a replica is SIGKILLed and restarted: no client sees an error."""
     victim = replicas[0]
     marks: dict[str, bool] = {}
     results: list[tuple[int, dict[str, str], bytes]] = []
     stop = asyncio.Event()
 
+    grpc_outcomes: list[str] = []
+
+    async def grpc_load() -> None:
+        import grpc
+
+        from inferstack._proto import grpc_service_pb2 as pb
+
+        request = pb.ModelInferRequest(model_name="mlp")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+        request.raw_input_contents.append(np.ones((1, 64), dtype=np.float32).tobytes())
+        data = request.SerializeToString()
+        async with grpc.aio.insecure_channel(gateway.grpc_url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        await call(data, timeout=60)
+                        grpc_outcomes.append("ok")
+                    except grpc.aio.AioRpcError as exc:
+                        grpc_outcomes.append(f"{exc.code()}: {exc.details()}")
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+
     async def scenario() -> None:
         body = infer_body(np.ones((1, 64), dtype=np.float32))
         load = asyncio.ensure_future(blast(gateway.url, "/v2/models/mlp/infer", body, total=10**9,
                                            concurrency=8, stop=stop))
+        grpc_task = asyncio.ensure_future(grpc_load())
         await asyncio.sleep(1.0)
         victim.kill()
         deadline = time.monotonic() + 20
@@ -336,10 +362,12 @@ def test_kill_replica_zero_failed_requests_then_readmitted(gateway: GatewayProce
         await asyncio.sleep(1.5)
         stop.set()
         results.extend(await load)
+        await grpc_task
 
     asyncio.run(scenario())
     failures = [(s, b[:200]) for s, _, b in results if s != 200]
     assert failures == [], failures[:5]
+    assert [o for o in grpc_outcomes if o != "ok"] == [] and len(grpc_outcomes) > 50
     assert marks["ejected"] and marks["readmitted"], marks
     assert len(results) > 200
     # After readmission the restarted replica receives traffic again.

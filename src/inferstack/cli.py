@@ -237,3 +237,26 @@ def analyze(
         quick=quick, server_timeout=server_timeout,
     )
     raise typer.Exit(run(settings))
+
+
+@app.command()
+def gateway(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Gateway YAML file (docs/gateway.md); runtime changes go to its state file.", exists=True, dir_okay=False)] = None,
+    replica: Annotated[Optional[list[str]], typer.Option("--replica", help="Replica http://HOST:PORT[,grpc=HOST:PORT][,metrics=URL]; repeatable (added to the config's).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 0.0.0.0).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port (default 9000).", min=0, max=65535)] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default 9001).", min=0, max=65535)] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics port (default 9002).", min=0, max=65535)] = None,
+    state_file: Annotated[Optional[Path], typer.Option(help="Where admin API changes are persisted (default: CONFIG.state.json).")] = None,
+    health_interval: Annotated[Optional[float], typer.Option(help="Seconds between replica health/index polls (default 1).", min=0.05)] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (with its request id).")] = False,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
+    log_format: Annotated[LogFormat, typer.Option(help="text or json.")] = LogFormat.text,
+) -> None:
+    """Route KServe v2 traffic (HTTP and gRPC) over replicas: model- and load-aware, canary/A-B/shadow, auth, rate limits."""
+    from inferstack.gateway.cli import run
+
+    raise typer.Exit(run(config=config, replicas=list(replica or []), host=host, http_port=http_port,
+                         grpc_port=grpc_port, metrics_port=metrics_port, state_file=state_file,
+                         health_interval=health_interval, access_log=access_log,
+                         log_level=log_level.value, log_format=log_format.value))

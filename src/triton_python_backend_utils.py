@@ -5,5 +5,5 @@
 :mod:`inferstack.python_backend.triton_utils`.
 """
 
-from inferstack.python_backend.triton_utils import *  # noqa: F401,F403
+from inferstack.python_backend.triton_utils import *
 from inferstack.python_backend.triton_utils import __all__  # noqa: F401

@@ -55,12 +55,12 @@ class ModelContext:
 class PythonModel:
     """Base class of typed Python models; override ``load`` and ``predict``."""
 
-    def load(self, context: ModelContext) -> None:  # noqa: B027 - optional hook
+    def load(self, context: ModelContext) -> None:
         """Called once in the worker process before the first batch."""
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One batch: input arrays by name -> output arrays by name."""
         raise NotImplementedError(f"{type(self).__name__} must implement predict()")
 
-    def unload(self) -> None:  # noqa: B027 - optional hook
+    def unload(self) -> None:
         """Called once when the instance is unloaded."""

@@ -138,9 +138,8 @@ def _anonymous_file(size: int) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("inferstack-tensors", os.MFD_CLOEXEC)
     else:  # pragma: no cover - not Linux
-        handle = tempfile.TemporaryFile(dir=_SHM_DIR)
-        fd = os.dup(handle.fileno())
-        handle.close()
+        with tempfile.TemporaryFile(dir=_SHM_DIR) as handle:
+            fd = os.dup(handle.fileno())
     os.ftruncate(fd, size)
     return fd
 

@@ -21,11 +21,25 @@ import numpy as np
 from inferstack.python_backend.ipc import deserialize_bytes, serialize_bytes
 
 __all__ = [
-    "InferenceRequest", "InferenceResponse", "Logger", "Tensor", "TritonError", "TritonModelException",
-    "deserialize_bytes_tensor", "get_input_config_by_name", "get_input_tensor_by_name", "get_model_dir",
-    "get_output_config_by_name", "get_output_tensor_by_name", "numpy_to_triton_type", "serialize_byte_tensor",
-    "triton_string_to_numpy", "triton_to_numpy_type", "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
-    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END", "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
+    "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
+    "InferenceRequest",
+    "InferenceResponse",
+    "Logger",
+    "Tensor",
+    "TritonError",
+    "TritonModelException",
+    "deserialize_bytes_tensor",
+    "get_input_config_by_name",
+    "get_input_tensor_by_name",
+    "get_model_dir",
+    "get_output_config_by_name",
+    "get_output_tensor_by_name",
+    "numpy_to_triton_type",
+    "serialize_byte_tensor",
+    "triton_string_to_numpy",
+    "triton_to_numpy_type",
 ]
 
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
@@ -70,7 +84,7 @@ class TritonError:
 class Tensor:
     """A named tensor backed by a numpy array (CPU)."""
 
-    __slots__ = ("_name", "_array")
+    __slots__ = ("_array", "_name")
 
     def __init__(self, name: str, array: Any) -> None:
         if not isinstance(name, str):

@@ -123,8 +123,8 @@ class TritonRunner:
         results: list[Any] = []
         for request, response in zip(requests, responses):
             if not isinstance(response, pb.InferenceResponse):
-                results.append(("INTERNAL", f"execute() returned a {type(response).__name__}, "
-                                            "not an InferenceResponse"))
+                kind = type(response).__name__
+                results.append(("INTERNAL", f"execute() returned a {kind}, not an InferenceResponse"))
                 continue
             if response.has_error():
                 error = response.error()

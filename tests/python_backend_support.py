@@ -137,6 +137,11 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("negative input", pb_utils.TritonError.INVALID_ARG)))
                 continue
+            if params.get("wrong_dtype"):
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("Y", x.astype(np.float64)),
+                    pb_utils.Tensor("INFO", np.array([[b"x"]] * x.shape[0], dtype=np.object_))]))
+                continue
             if params.get("raise"):
                 raise pb_utils.TritonModelException("asked to raise")
             rows = x.shape[0]

@@ -144,6 +144,10 @@ def test_model_errors_name_the_model_and_leave_it_serving(py_server: ServerProce
         client.infer("py_typed", [_in(httpclient, "X", np.full((1, 2), 1e7, np.float32), "FP32")])
     assert error.value.status() == "500"
     assert "py_typed" in str(error.value) and "RuntimeError: value too large" in str(error.value)
+    with pytest.raises(InferenceServerException) as error:
+        _batched(client, np.ones((1, 2), np.float32), parameters={"wrong_dtype": True})
+    assert error.value.status() == "500"
+    assert "output 'Y' has datatype FP64, the config declares FP32" in str(error.value)
     np.testing.assert_array_equal(_batched(client, np.ones((1, 2), np.float32)).as_numpy("Y"), [[2, 2]])
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from inferstack._proto import model_config_pb2 as mc
 from inferstack.backends.base import Backend, InstanceSpec, ModelInstance
+from inferstack.core.datatypes import datatype_of, numpy_dtype
 from inferstack.core.errors import (
     AlreadyExistsError,
     CancelledError,
@@ -53,7 +54,7 @@ from inferstack.core.errors import (
 from inferstack.core.types import InferenceRequest, RequestedOutput
 from inferstack.python_backend import ipc
 from inferstack.python_backend.worker import BLS_IN, BLS_OUT, IN, OUT
-from inferstack.repository.config import ModelConfigError, config_to_dict, parameter
+from inferstack.repository.config import ModelConfigError, config_to_dict, parameter, tensor_specs
 
 log = logging.getLogger("inferstack.backends.python")
 
@@ -256,6 +257,10 @@ class PythonInstance(ModelInstance):
             "model_file": str(model_path),
         }
         self._version = int(version_dir.name) if version_dir.name.isdigit() else 0
+        #: Declared output dtypes: a model returning float64 for a TYPE_FP32 output is an error,
+        #: not a silently different wire datatype.
+        self._output_dtypes = {spec.name: (spec.datatype, numpy_dtype(spec.datatype))
+                               for spec in tensor_specs(config.output)}
         self._lock = threading.Lock()
         self._closing = False
         #: Why the worker cannot run (a restart failed); None while it can.
@@ -435,12 +440,26 @@ class PythonInstance(ModelInstance):
                 results.append(_error(result[0], f"model {self._name!r}: {result[1]}"))
             else:
                 start, end = result
-                results.append(dict(arrays[start:end]))
+                results.append(self._checked(dict(arrays[start:end])))
         return results
+
+    def _checked(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | InferenceServerError:
+        for name, array in outputs.items():
+            declared = self._output_dtypes.get(name)
+            if declared is not None and array.dtype != declared[1]:
+                try:
+                    got = datatype_of(array)
+                except InferenceServerError:
+                    got = f"numpy {array.dtype}"
+                return InternalError(
+                    f"model {self._name!r}: output {name!r} has datatype {got}, "
+                    f"the config declares {declared[0]}"
+                )
+        return outputs
 
     def execute(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         (result,) = self._run([(inputs, outputs, None)])
-        if isinstance(result, BaseException):
+        if isinstance(result, InferenceServerError):
             raise result
         return result
 

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Per-request overhead of the Python backend, side by side in one run.
+
+The same logic — Triton's add_sub on 16 floats — served five ways:
+
+* ``onnx``: inferstack, ONNX Runtime backend (the floor: no Python model at all);
+* ``py_triton``: inferstack, Python backend, a ``TritonPythonModel`` (the exact model.py Triton runs);
+* ``py_typed``: inferstack, Python backend, the typed ``PythonModel`` API;
+* ``triton_py``: NVIDIA Triton's own Python backend running that same model.py, from the
+  ``tritonserver`` binary in the ``nvidia-pytriton`` wheel (``--pytriton-venv``; skipped if absent);
+* ``ipc``: inferstack's worker round trip alone, ``PythonInstance.execute`` called in process
+  (no HTTP/gRPC, no scheduler): what the process boundary itself costs.
+
+For each server: sequential requests (concurrency 1) over gRPC and over HTTP with binary
+tensors (tritonclient, same client code for every server), reporting mean / p50 / p99 latency,
+then a closed loop at concurrency 8 over gRPC for throughput. The server-side ``compute_infer``
+time per request (the statistics extension, same definition in both servers: the backend's
+execute, including the trip to the Python process) isolates backend overhead from transport
+and client cost. Overhead = Python model latency minus the ONNX model's on the same server.
+
+    .venv/bin/python benchmarks/bench_python_backend.py --pytriton-venv /tmp/pyb-pytriton
+    .venv/bin/python benchmarks/bench_python_backend.py --requests 500      # quicker
+
+Results are printed and written to benchmarks/results/python_backend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from inferstack.testing import onnx_models  # noqa: E402
+from tests.python_backend_support import ADD_SUB_MODEL  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+DIMS = 16
+CONFIG = """
+name: "%s"
+backend: "%s"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+TYPED_MODEL = '''
+from inferstack.python_backend import PythonModel
+
+
+class AddSub(PythonModel):
+    def predict(self, inputs):
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        return {"OUTPUT0": a + b, "OUTPUT1": a - b}
+'''
+
+
+def build_repository(root: Path, *, triton: bool) -> Path:
+    def python_model(name: str, source: str) -> None:
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "model.py").write_text(source)
+        (root / name / "config.pbtxt").write_text(CONFIG % (name, "python"))
+
+    python_model("py_triton", ADD_SUB_MODEL)
+    if not triton:
+        python_model("py_typed", TYPED_MODEL)
+        onnx_models.write_model(root, "onnx", onnx_models.add_sub(DIMS), CONFIG % ("onnx", "onnxruntime"))
+    return root
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_inferstack(repository: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inferstack", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+         "--log-level", "warning"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return process, http_port, grpc_port
+
+
+def find_tritonserver(venv: Path) -> tuple[Path, Path]:
+    """The tritonserver binary and its root (lib/, backends/) inside an nvidia-pytriton install."""
+    for candidate in sorted(venv.glob("lib/python3*/site-packages/pytriton/tritonserver")):
+        binary = candidate / "bin" / "tritonserver"
+        if binary.is_file():
+            return binary, candidate
+    raise FileNotFoundError(f"no pytriton/tritonserver/bin/tritonserver under {venv}")
+
+
+def start_triton(venv: Path, repository: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
+    binary, root = find_tritonserver(venv)
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    env = dict(os.environ)
+    libs = [str(root / "lib"), str(root / "external_libs")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    # The Python backend stub runs under the venv's interpreter; numpy comes from there.
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
+    env["VIRTUAL_ENV"] = str(venv)
+    process = subprocess.Popen(
+        [str(binary), "--model-repository", str(repository), "--backend-directory", str(root / "backends"),
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+         "--allow-metrics", "false", "--log-verbose", "0"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    return process, http_port, grpc_port
+
+
+def _inputs(module, a: np.ndarray, b: np.ndarray) -> list:
+    out = []
+    for name, array in (("INPUT0", a), ("INPUT1", b)):
+        tensor = module.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array, **({"binary_data": True} if module is httpclient else {}))
+        out.append(tensor)
+    return out
+
+
+def _check(result, a: np.ndarray, b: np.ndarray) -> None:
+    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b)
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "mean_us": statistics.fmean(ordered) * 1e6,
+        "p50_us": ordered[len(ordered) // 2] * 1e6,
+        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
+    }
+
+
+def sequential(client, module, model: str, n: int) -> dict[str, float]:
+    a = np.random.default_rng(1).random((1, DIMS), dtype=np.float32)
+    b = np.random.default_rng(2).random((1, DIMS), dtype=np.float32)
+    inputs = _inputs(module, a, b)
+    for _ in range(max(50, n // 10)):
+        client.infer(model, inputs)
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        result = client.infer(model, inputs)
+        samples.append(time.perf_counter() - started)
+    _check(result, a, b)
+    return _summary(samples)
+
+
+def throughput(grpc_url: str, model: str, seconds: float, concurrency: int = 8) -> float:
+    client = grpcclient.InferenceServerClient(grpc_url)
+    a = np.ones((1, DIMS), np.float32)
+    inputs = _inputs(grpcclient, a, a)
+    counts = [0] * concurrency
+    stop_at = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            client.infer(model, inputs)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    client.close()
+    return sum(counts) / elapsed
+
+
+def compute_us(http_url: str, model: str) -> float:
+    """Server-side mean compute_infer per execution (µs), from the statistics extension."""
+    stats = httpx.get(f"{http_url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+    infer = stats["inference_stats"]["compute_infer"]
+    executions = int(stats["execution_count"]) or 1
+    return int(infer["ns"]) / executions / 1e3
+
+
+def measure_server(label: str, http_port: int, grpc_port: int, models: list[str], n: int,
+                   seconds: float) -> dict[str, dict]:
+    http_url = f"http://127.0.0.1:{http_port}"
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+    results: dict[str, dict] = {}
+    for model in models:
+        row = {
+            "grpc": sequential(grpc, grpcclient, model, n),
+            "http": sequential(http, httpclient, model, n),
+            "compute_infer_us": compute_us(http_url, model),
+            "grpc_c8_rps": throughput(f"127.0.0.1:{grpc_port}", model, seconds),
+        }
+        results[f"{label}:{model}"] = row
+        print(f"  {label}:{model:10s} grpc p50 {row['grpc']['p50_us']:7.0f} µs  http p50 "
+              f"{row['http']['p50_us']:7.0f} µs  compute {row['compute_infer_us']:6.0f} µs  "
+              f"c8 {row['grpc_c8_rps']:6.0f} req/s", flush=True)
+    grpc.close()
+    http.close()
+    return results
+
+
+def measure_ipc(repository: Path, n: int) -> dict[str, float]:
+    """The worker round trip alone: PythonInstance.execute in this process."""
+    from inferstack.backends.base import InstanceSpec
+    from inferstack.backends.python import PythonBackend
+    from inferstack.repository.config import read_config
+
+    out = {}
+    for model in ("py_triton", "py_typed"):
+        config = read_config(repository / model, required=True)
+        instance = PythonBackend().load(config, repository / model / "1" / "model.py", InstanceSpec(f"{model}_0", "KIND_CPU"))
+        a = np.ones((1, DIMS), np.float32)
+        call = (lambda: instance.execute_requests([({"INPUT0": a, "INPUT1": a}, ["OUTPUT0", "OUTPUT1"], None)])) \
+            if instance.per_request else (lambda: instance.execute({"INPUT0": a, "INPUT1": a}, ["OUTPUT0", "OUTPUT1"]))
+        for _ in range(200):
+            call()
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - started)
+        instance.unload()
+        out[model] = _summary(samples)
+        print(f"  ipc:{model:10s} round trip p50 {out[model]['p50_us']:6.1f} µs  mean {out[model]['mean_us']:6.1f} µs")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="sequential requests per model and protocol")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of the concurrency-8 run")
+    parser.add_argument("--pytriton-venv", type=Path, default=HERE / ".venv-pytriton",
+                        help="venv with nvidia-pytriton installed (its tritonserver binary)")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "python_backend.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pybackend-"))
+    results: dict[str, object] = {"requests": args.requests, "cpus": os.cpu_count()}
+    try:
+        repository = build_repository(work / "repo", triton=False)
+        print("in-process worker round trip", flush=True)
+        results["ipc"] = measure_ipc(repository, args.requests)
+
+        print("inferstack", flush=True)
+        process, http_port, grpc_port = start_inferstack(repository, work / "inferstack.log")
+        try:
+            wait_ready(f"http://127.0.0.1:{http_port}", process)
+            results.update(measure_server("inferstack", http_port, grpc_port, ["onnx", "py_triton", "py_typed"],
+                                          args.requests, args.seconds))
+        finally:
+            stop(process)
+
+        try:
+            find_tritonserver(args.pytriton_venv)
+        except FileNotFoundError as exc:
+            print(f"triton: skipped ({exc})")
+            results["triton_skipped"] = str(exc)
+        else:
+            print("triton (nvidia-pytriton's tritonserver, Python backend)", flush=True)
+            triton_repo = build_repository(work / "triton_repo", triton=True)
+            process, http_port, grpc_port = start_triton(args.pytriton_venv, triton_repo, work / "triton.log")
+            try:
+                wait_ready(f"http://127.0.0.1:{http_port}", process)
+                results.update(measure_server("triton", http_port, grpc_port, ["py_triton"], args.requests,
+                                              args.seconds))
+            except Exception as exc:  # noqa: BLE001 - reported, the rest of the run stands
+                log = (work / "triton.log").read_text(errors="replace")[-3000:]
+                print(f"triton failed: {exc}\n{log}")
+                results["triton_error"] = f"{exc}: {log}"
+            finally:
+                stop(process)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\noverhead of a Python model over the same logic in ONNX (inferstack), p50:")
+    onnx = results["inferstack:onnx"]
+    for key in ("inferstack:py_triton", "inferstack:py_typed", "triton:py_triton"):
+        if key in results:
+            row = results[key]
+            print(f"  {key:22s} grpc +{row['grpc']['p50_us'] - onnx['grpc']['p50_us']:6.0f} µs  "
+                  f"http +{row['http']['p50_us'] - onnx['http']['p50_us']:6.0f} µs  "
+                  f"compute_infer {row['compute_infer_us']:6.0f} µs (onnx {onnx['compute_infer_us']:.0f} µs)")
+    if "triton:py_triton" in results:
+        ours, theirs = results["inferstack:py_triton"], results["triton:py_triton"]
+        print("\ninferstack Python backend vs Triton Python backend (same model.py):")
+        for what in ("grpc", "http"):
+            print(f"  {what} p50 latency: {ours[what]['p50_us']:.0f} µs vs {theirs[what]['p50_us']:.0f} µs "
+                  f"({theirs[what]['p50_us'] / ours[what]['p50_us']:.2f}x)")
+        print(f"  compute_infer: {ours['compute_infer_us']:.0f} µs vs {theirs['compute_infer_us']:.0f} µs "
+              f"({theirs['compute_infer_us'] / ours['compute_infer_us']:.2f}x)")
+        print(f"  grpc c8 throughput: {ours['grpc_c8_rps']:.0f} vs {theirs['grpc_c8_rps']:.0f} req/s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

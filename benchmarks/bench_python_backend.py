@@ -238,6 +238,14 @@ def measure_server(label: str, http_port: int, grpc_port: int, models: list[str]
     return results
 
 
+def _direct_call(instance):
+    a = np.ones((1, DIMS), np.float32)
+    inputs, outputs = {"INPUT0": a, "INPUT1": a}, ["OUTPUT0", "OUTPUT1"]
+    if instance.per_request:
+        return lambda: instance.execute_requests([(inputs, outputs, None)])
+    return lambda: instance.execute(inputs, outputs)
+
+
 def measure_ipc(repository: Path, n: int) -> dict[str, float]:
     """The worker round trip alone: PythonInstance.execute in this process."""
     from inferstack.backends.base import InstanceSpec
@@ -248,9 +256,7 @@ def measure_ipc(repository: Path, n: int) -> dict[str, float]:
     for model in ("py_triton", "py_typed"):
         config = read_config(repository / model, required=True)
         instance = PythonBackend().load(config, repository / model / "1" / "model.py", InstanceSpec(f"{model}_0", "KIND_CPU"))
-        a = np.ones((1, DIMS), np.float32)
-        call = (lambda: instance.execute_requests([({"INPUT0": a, "INPUT1": a}, ["OUTPUT0", "OUTPUT1"], None)])) \
-            if instance.per_request else (lambda: instance.execute({"INPUT0": a, "INPUT1": a}, ["OUTPUT0", "OUTPUT1"]))
+        call = _direct_call(instance)
         for _ in range(200):
             call()
         samples = []

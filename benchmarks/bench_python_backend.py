@@ -121,28 +121,36 @@ def start_inferstack(repository: Path, log: Path) -> tuple[subprocess.Popen, int
     return process, http_port, grpc_port
 
 
-def find_tritonserver(venv: Path) -> tuple[Path, Path]:
-    """The tritonserver binary and its root (lib/, backends/) inside an nvidia-pytriton install."""
+def find_tritonserver(venv: Path) -> Path:
+    """``pytriton/tritonserver`` (bin/tritonserver, backends/python, python_backend_stubs) in the venv."""
     for candidate in sorted(venv.glob("lib/python3*/site-packages/pytriton/tritonserver")):
-        binary = candidate / "bin" / "tritonserver"
-        if binary.is_file():
-            return binary, candidate
+        if (candidate / "bin" / "tritonserver").is_file():
+            return candidate
     raise FileNotFoundError(f"no pytriton/tritonserver/bin/tritonserver under {venv}")
 
 
-def start_triton(venv: Path, repository: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
-    binary, root = find_tritonserver(venv)
+def start_triton(venv: Path, repository: Path, work: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
+    """Run the wheel's tritonserver the way pytriton does: a copy of the server tree with the
+    Python backend stub for this interpreter's version in backends/python, the wheel's bundled
+    libraries on LD_LIBRARY_PATH, and the venv's bin first on PATH (the stub embeds Python and
+    finds the venv, hence numpy, through it)."""
+    source = find_tritonserver(venv)
+    root = work / "tritonserver"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy(source / "python_backend_stubs" / version / "triton_python_backend_stub",
+                root / "backends" / "python" / "triton_python_backend_stub")
+    libs = source.parent.parent / "nvidia_pytriton.libs"
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     env = dict(os.environ)
-    libs = [str(root / "lib"), str(root / "external_libs")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-    # The Python backend stub runs under the venv's interpreter; numpy comes from there.
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
-    env["VIRTUAL_ENV"] = str(venv)
+    env.pop("VIRTUAL_ENV", None)
     process = subprocess.Popen(
-        [str(binary), "--model-repository", str(repository), "--backend-directory", str(root / "backends"),
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-         "--allow-metrics", "false", "--log-verbose", "0"],
+        [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
+         "--backend-directory", str(root / "backends"), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--allow-metrics", "false",
+         "--log-verbose", "0"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     return process, http_port, grpc_port
 
@@ -170,19 +178,42 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def sequential(client, module, model: str, n: int) -> dict[str, float]:
-    a = np.random.default_rng(1).random((1, DIMS), dtype=np.float32)
-    b = np.random.default_rng(2).random((1, DIMS), dtype=np.float32)
-    inputs = _inputs(module, a, b)
-    for _ in range(max(50, n // 10)):
-        client.infer(model, inputs)
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        result = client.infer(model, inputs)
-        samples.append(time.perf_counter() - started)
-    _check(result, a, b)
-    return _summary(samples)
+class Target:
+    """One (server, model) pair with its clients and the samples gathered over the rounds."""
+
+    def __init__(self, server: str, model: str, http_port: int, grpc_port: int) -> None:
+        self.key = f"{server}:{model}"
+        self.model = model
+        self.http_url = f"http://127.0.0.1:{http_port}"
+        self.grpc_url = f"127.0.0.1:{grpc_port}"
+        self.grpc = grpcclient.InferenceServerClient(self.grpc_url)
+        self.http = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+        self.samples: dict[str, list[float]] = {"grpc": [], "http": []}
+        self.rps: list[float] = []
+        a = np.random.default_rng(1).random((1, DIMS), dtype=np.float32)
+        b = np.random.default_rng(2).random((1, DIMS), dtype=np.float32)
+        self.check = (a, b)
+        self.inputs = {"grpc": _inputs(grpcclient, a, b), "http": _inputs(httpclient, a, b)}
+
+    def client(self, protocol: str):
+        return self.grpc if protocol == "grpc" else self.http
+
+    def warm_up(self, n: int) -> None:
+        for protocol in ("grpc", "http"):
+            for _ in range(n):
+                result = self.client(protocol).infer(self.model, self.inputs[protocol])
+            _check(result, *self.check)
+
+    def sequential(self, protocol: str, n: int) -> None:
+        client, inputs, samples = self.client(protocol), self.inputs[protocol], self.samples[protocol]
+        for _ in range(n):
+            started = time.perf_counter()
+            client.infer(self.model, inputs)
+            samples.append(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.grpc.close()
+        self.http.close()
 
 
 def throughput(grpc_url: str, model: str, seconds: float, concurrency: int = 8) -> float:
@@ -216,25 +247,31 @@ def compute_us(http_url: str, model: str) -> float:
     return int(infer["ns"]) / executions / 1e3
 
 
-def measure_server(label: str, http_port: int, grpc_port: int, models: list[str], n: int,
-                   seconds: float) -> dict[str, dict]:
-    http_url = f"http://127.0.0.1:{http_port}"
-    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    http = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
-    results: dict[str, dict] = {}
-    for model in models:
+def measure(targets: list[Target], n: int, seconds: float, rounds: int) -> dict[str, dict]:
+    """Interleaved: every round runs n/rounds sequential requests per target and protocol, then
+    a short concurrency-8 burst per target, so a busy machine's noise hits every target alike."""
+    for target in targets:
+        target.warm_up(max(50, n // 10))
+    per_round = max(1, n // rounds)
+    for index in range(rounds):
+        for protocol in ("grpc", "http"):
+            for target in targets:
+                target.sequential(protocol, per_round)
+        for target in targets:
+            target.rps.append(throughput(target.grpc_url, target.model, seconds / rounds))
+        print(f"  round {index + 1}/{rounds} done", flush=True)
+    results = {}
+    for target in targets:
         row = {
-            "grpc": sequential(grpc, grpcclient, model, n),
-            "http": sequential(http, httpclient, model, n),
-            "compute_infer_us": compute_us(http_url, model),
-            "grpc_c8_rps": throughput(f"127.0.0.1:{grpc_port}", model, seconds),
+            "grpc": _summary(target.samples["grpc"]),
+            "http": _summary(target.samples["http"]),
+            "compute_infer_us": compute_us(target.http_url, target.model),
+            "grpc_c8_rps": statistics.median(target.rps),
         }
-        results[f"{label}:{model}"] = row
-        print(f"  {label}:{model:10s} grpc p50 {row['grpc']['p50_us']:7.0f} µs  http p50 "
-              f"{row['http']['p50_us']:7.0f} µs  compute {row['compute_infer_us']:6.0f} µs  "
+        results[target.key] = row
+        print(f"  {target.key:22s} grpc p50 {row['grpc']['p50_us']:6.0f} µs  http p50 "
+              f"{row['http']['p50_us']:6.0f} µs  compute_infer {row['compute_infer_us']:6.0f} µs  "
               f"c8 {row['grpc_c8_rps']:6.0f} req/s", flush=True)
-    grpc.close()
-    http.close()
     return results
 
 
@@ -273,9 +310,11 @@ def measure_ipc(repository: Path, n: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per model and protocol")
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of the concurrency-8 run")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="total duration of the concurrency-8 runs per target (split over the rounds)")
     parser.add_argument("--pytriton-venv", type=Path, default=HERE / ".venv-pytriton",
                         help="venv with nvidia-pytriton installed (its tritonserver binary)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "python_backend.json")
     args = parser.parse_args()
 
@@ -286,33 +325,35 @@ def main() -> None:
         print("in-process worker round trip", flush=True)
         results["ipc"] = measure_ipc(repository, args.requests)
 
-        print("inferstack", flush=True)
-        process, http_port, grpc_port = start_inferstack(repository, work / "inferstack.log")
+        processes: list[subprocess.Popen] = []
+        targets: list[Target] = []
         try:
+            process, http_port, grpc_port = start_inferstack(repository, work / "inferstack.log")
+            processes.append(process)
             wait_ready(f"http://127.0.0.1:{http_port}", process)
-            results.update(measure_server("inferstack", http_port, grpc_port, ["onnx", "py_triton", "py_typed"],
-                                          args.requests, args.seconds))
-        finally:
-            stop(process)
-
-        try:
-            find_tritonserver(args.pytriton_venv)
-        except FileNotFoundError as exc:
-            print(f"triton: skipped ({exc})")
-            results["triton_skipped"] = str(exc)
-        else:
-            print("triton (nvidia-pytriton's tritonserver, Python backend)", flush=True)
-            triton_repo = build_repository(work / "triton_repo", triton=True)
-            process, http_port, grpc_port = start_triton(args.pytriton_venv, triton_repo, work / "triton.log")
+            targets += [Target("inferstack", m, http_port, grpc_port) for m in ("onnx", "py_triton", "py_typed")]
             try:
-                wait_ready(f"http://127.0.0.1:{http_port}", process)
-                results.update(measure_server("triton", http_port, grpc_port, ["py_triton"], args.requests,
-                                              args.seconds))
-            except Exception as exc:  # noqa: BLE001 - reported, the rest of the run stands
-                log = (work / "triton.log").read_text(errors="replace")[-3000:]
-                print(f"triton failed: {exc}\n{log}")
-                results["triton_error"] = f"{exc}: {log}"
-            finally:
+                find_tritonserver(args.pytriton_venv)
+            except FileNotFoundError as exc:
+                print(f"triton: skipped ({exc})")
+                results["triton_skipped"] = str(exc)
+            else:
+                triton_repo = build_repository(work / "triton_repo", triton=True)
+                process, t_http, t_grpc = start_triton(args.pytriton_venv, triton_repo, work, work / "triton.log")
+                processes.append(process)
+                try:
+                    wait_ready(f"http://127.0.0.1:{t_http}", process)
+                    targets.append(Target("triton", "py_triton", t_http, t_grpc))
+                except Exception as exc:  # noqa: BLE001 - reported, the rest of the run stands
+                    log = (work / "triton.log").read_text(errors="replace")[-3000:]
+                    print(f"triton failed to start: {exc}\n{log}")
+                    results["triton_error"] = f"{exc}: {log}"
+            print(f"measuring {', '.join(t.key for t in targets)} ({args.rounds} interleaved rounds)", flush=True)
+            results.update(measure(targets, args.requests, args.seconds, args.rounds))
+        finally:
+            for target in targets:
+                target.close()
+            for process in processes:
                 stop(process)
     finally:
         shutil.rmtree(work, ignore_errors=True)

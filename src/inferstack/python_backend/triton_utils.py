@@ -87,6 +87,10 @@ class Tensor:
     __slots__ = ("_array", "_name")
 
     def __init__(self, name: str, array: Any) -> None:
+        if type(array) is np.ndarray and array.dtype.kind not in "SU" and type(name) is str:  # the common case
+            self._name = name
+            self._array = array
+            return
         if not isinstance(name, str):
             raise TritonModelException(f"Tensor name must be a str, got {type(name).__name__}")
         array = np.asarray(array)

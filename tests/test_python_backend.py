@@ -161,6 +161,8 @@ def test_bls_calls_an_onnx_model_through_the_server(py_server: ServerProcess) ->
     inputs = [_in(httpclient, "A", a, "FP32"), _in(httpclient, "B", b, "FP32"), _in(httpclient, "TARGET", target, "BYTES")]
     result = client.infer("py_bls", inputs)
     np.testing.assert_array_equal(result.as_numpy("SUM"), (a + b) + (a - b))
+    result = client.infer("py_bls_async", inputs)
+    np.testing.assert_array_equal(result.as_numpy("SUM"), (a + b) + (a - b))
     stats = client.get_inference_statistics("onnx_add_sub")["model_stats"][0]["inference_stats"]
     assert int(stats["success"]["count"]) >= 1  # it went through the ONNX model's own scheduler
     inputs[2] = _in(httpclient, "TARGET", np.array([b"no_such_model"], dtype=np.object_), "BYTES")

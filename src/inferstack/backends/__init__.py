@@ -20,9 +20,16 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend()
 
 
+def _python() -> Backend:
+    from inferstack.backends.python import PythonBackend
+
+    return PythonBackend()
+
+
 # name -> factory; imported lazily so an optional backend's heavy dependency
 # is only needed by models that use it.
 BACKENDS = {"onnxruntime": _onnxruntime}
+BACKENDS["python"] = _python
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
 
 _instances: dict[str, Backend] = {}

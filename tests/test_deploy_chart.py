@@ -7,16 +7,20 @@ unknown fields rejected. Wrong values must fail with a message that names the ke
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.deploy_support import (
+    ADAPTER_RULES,
     CHART,
     CI_VALUES,
     CRD_SCHEMAS,
     KUBE_VERSIONS,
+    ROOT,
     by_kind,
     crd_validator,
     helm,
@@ -220,8 +224,8 @@ KEDA_ON = {"enabled": True, "prometheus": {"serverAddress": "http://prometheus:9
         ({"autoscaling": {"hpa": {"minReplicas": 5, "maxReplicas": 3}}},
          "autoscaling.hpa.minReplicas (5) is greater than autoscaling.hpa.maxReplicas (3)"),
         ({"autoscaling": {"keda": KEDA_ON}},
-         "autoscaling.hpa.enabled and autoscaling.keda.enabled are both true: both would scale Deployment "
-         "demo-inferstack"),
+         ("autoscaling.hpa.enabled and autoscaling.keda.enabled are both true: both would scale Deployment "
+          "demo-inferstack")),
         ({"autoscaling": {"hpa": {"enabled": False}, "keda": {**KEDA_ON, "minReplicas": 4, "maxReplicas": 2}}},
          "autoscaling.keda.minReplicas (4) is greater than autoscaling.keda.maxReplicas (2)"),
         ({"autoscaling": {"hpa": {"enabled": False}, "keda": {"enabled": True}}},
@@ -253,3 +257,13 @@ KEDA_ON = {"enabled": True, "prometheus": {"serverAddress": "http://prometheus:9
 def test_wrong_values_fail_clearly(values: dict[str, Any], message: str) -> None:
     error = render_error(values)
     assert message in error, error
+
+
+def test_readme_documents_every_value_and_the_adapter_rules() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart_values_doc.py"), "--check"],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    readme = (CHART / "README.md").read_text()
+    rules = ADAPTER_RULES.read_text()
+    assert rules[rules.index("rules:"):].strip() in readme
+    assert "<!-- values:begin -->\n| key | default | description |" in readme

@@ -45,25 +45,25 @@ def _instructions() -> list[tuple[str, str]]:
 
 def test_hadolint_clean() -> None:
     result = subprocess.run([_hadolint(), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_can_fail(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian\nRUN cd /tmp && apt-get install curl\n")
-    result = subprocess.run([_hadolint(), str(bad)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([_hadolint(), str(bad)], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode != 0 and "DL3" in result.stdout
 
 
 def test_dockerfile_contract() -> None:
     instructions = _instructions()
     froms = [args for word, args in instructions if word == "FROM"]
-    assert len(froms) >= 3 and any(" AS build" in f for f in froms), "multi-stage: a build stage and a runtime"
-    assert froms[-1].startswith("runtime-${VARIANT}")
+    assert len(froms) >= 2 and " AS build" in froms[0], "multi-stage: a build stage and a runtime"
+    assert froms[-1].startswith("${RUNTIME_IMAGE}")
     args = {args.split("=")[0] for word, args in instructions if word == "ARG"}
-    assert {"VARIANT", "CUDA_IMAGE"} <= args
-    assert any(w == "ARG" and a.startswith("CUDA_IMAGE=nvidia/cuda:") for w, a in instructions)
+    assert {"VARIANT", "PYTHON_IMAGE", "RUNTIME_IMAGE"} <= args
+    assert "--build-arg VARIANT=cuda --build-arg RUNTIME_IMAGE=nvidia/cuda:" in DOCKERFILE.read_text()
     assert not any("onnxruntime-gpu" in a for _, a in instructions), "the GPU wheel's spec comes from pyproject"
     runtime = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM"):]
     user = [a for w, a in runtime if w == "USER"]
@@ -86,7 +86,7 @@ def test_image_installs_what_ci_installs() -> None:
             targets = [t for t in match.group(2).split() if not t.startswith("-") and t not in ("/wheels",)]
             targets = [t for t in targets if not t.startswith("/wheels/gpu")]
             assert set(targets) <= {".", "inferstack", '"$spec"'}, f"pip {match.group(1)} {targets}"
-    gpu = re.search(r"^gpu = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    gpu = re.search(r"^gpu = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     assert gpu and "onnxruntime-gpu" in gpu.group(1)
 
 
@@ -123,7 +123,8 @@ def test_compose_commands_and_mounts() -> None:
     services = _compose()["services"]
     server = services["server"]
     assert server["build"] == {"context": "../..", "dockerfile": "deploy/docker/Dockerfile",
-                               "args": {"VARIANT": "${INFERSTACK_VARIANT:-cpu}"}}
+                               "args": {"VARIANT": "${INFERSTACK_VARIANT:-cpu}",
+                                        "RUNTIME_IMAGE": "${INFERSTACK_RUNTIME_IMAGE:-python:3.12-slim-bookworm}"}}
     assert any(v.endswith(":/models:ro") for v in server["volumes"])
     assert server["command"].split()[:3] == ["serve", "--model-repository", "/models"]
     assert services["gateway"]["command"].split()[:7] == [
@@ -150,6 +151,6 @@ def test_compose_prometheus_config() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not on PATH (Debian package prometheus; `make install-test` installs it as root)")
-    result = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True,
+    result = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True, check=False,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

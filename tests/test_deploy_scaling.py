@@ -19,7 +19,7 @@ _spec.loader.exec_module(sim)
 CHART = sim.chart_autoscaling()
 
 
-def chart_hpa(min_replicas: int = 2, max_replicas: int = 50) -> "sim.Hpa":
+def chart_hpa(min_replicas: int = 2, max_replicas: int = 50) -> sim.Hpa:
     return sim.Hpa(min_replicas, max_replicas, CHART["behavior"])
 
 

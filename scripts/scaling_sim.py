@@ -73,10 +73,8 @@ class Hpa:
         self.recommendations = [(t, r) for t, r in self.recommendations if t > now - keep]
         self.recommendations.append((now, desired))
         result = current
-        if result < up:
-            result = up
-        if result > down:
-            result = down
+        result = max(result, up)
+        result = min(result, down)
         return result
 
     def _changed_in(self, now: float, period: float, sign: int) -> int:

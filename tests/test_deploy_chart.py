@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy_support import (
     ADAPTER_RULES,
@@ -185,28 +186,38 @@ def test_keda_values() -> None:
         "stabilizationWindowSeconds"] == 300
     worker = one(objs, "Deployment", f"{SERVER}-worker")
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"][:2] == [
-        "worker", "--redis-url=$(INFERSTACK_REDIS_URL)"]
+        "worker", "--redis-url=$(INFERSTACK_JOBS_REDIS_URL)"]
     assert "replicas" not in worker["spec"]
-    worker_scaler = one(objs, "ScaledObject", f"{SERVER}-worker")
-    assert worker_scaler["spec"]["triggers"][0]["type"] == "redis-streams"
+    worker_trigger = one(objs, "ScaledObject", f"{SERVER}-worker")["spec"]["triggers"][0]
+    assert worker_trigger["type"] == "redis-streams"
+    # the stream's length (queued + running jobs), not the consumer group's pending entries (running only)
+    assert worker_trigger["metadata"] == {"address": "redis.inferstack.svc:6379", "stream": "inferstack:jobs:stream",
+                                          "streamLength": "10", "activationLagCount": "0"}
 
 
 def test_gateway_values() -> None:
     objs = objects(render(load_values(CHART / "ci" / "gateway-values.yaml")))
     gateway = one(objs, "Deployment", f"{SERVER}-gateway")
-    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:4] == ["gateway", "--http-port=9000", "--grpc-port=9001", "--metrics-port=9002"]
-    assert "--replica=http://demo-inferstack-headless.ml.svc:8000" in args
+    pod = gateway["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args == ["gateway", "--http-port=9000", "--grpc-port=9001", "--metrics-port=9002",
+                    "--config=/etc/inferstack/gateway.yaml", "--state-file=/var/lib/inferstack-gateway/state.json"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/var/lib/inferstack-gateway"] == "state" and mounts["/etc/inferstack"] == "config"
+    config = yaml.safe_load(one(objs, "ConfigMap", f"{SERVER}-gateway")["data"]["gateway.yaml"])
+    assert config["replicas"]["dns"] == [{"name": "demo-inferstack-headless.ml.svc.cluster.local", "http_port": 8000,
+                                          "grpc_port": 8001, "metrics_port": 8002, "interval_s": 10}]
+    assert config["routing"]["max_attempts"] == 3  # gateway.config merged in
     assert gateway["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert one(objs, "Service", f"{SERVER}-gateway")
     assert one(objs, "PodDisruptionBudget", f"{SERVER}-gateway")
     ingress = one(objs, "Ingress", SERVER)
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == f"{SERVER}-gateway"
     assert {m["metadata"]["name"] for m in by_kind(objs, "ServiceMonitor")} == {SERVER, f"{SERVER}-gateway"}
-    with_config = objects(render({"gateway": {"enabled": True, "config": "replicas: []\n"}}))
-    args = one(with_config, "Deployment", f"{SERVER}-gateway")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--config=/etc/inferstack/gateway.yaml" in args
-    assert one(with_config, "ConfigMap", f"{SERVER}-gateway")["data"]["gateway.yaml"] == "replicas: []\n"
+    static = objects(render({"gateway": {"enabled": True, "discovery": {"enabled": False},
+                                         "config": {"replicas": {"static": ["http://10.0.0.1:8000"]}}}}))
+    config = yaml.safe_load(one(static, "ConfigMap", f"{SERVER}-gateway")["data"]["gateway.yaml"])
+    assert config == {"replicas": {"static": ["http://10.0.0.1:8000"]}}
 
 
 def test_fixed_replicas_without_autoscaler() -> None:
@@ -248,11 +259,12 @@ KEDA_ON = {"enabled": True, "prometheus": {"serverAddress": "http://prometheus:9
         ({"modelConfigs": {"bad/name": "max_batch_size: 1"}}, '"bad/name" is not a usable model name'),
         ({"ingress": {"enabled": True, "grpc": {"enabled": True}}}, "ingress.grpc.enabled needs ingress.grpc.host"),
         ({"server": {"gpu": {"enabled": True, "count": 0}}}, "server.gpu.count must be at least 1"),
+        ({"gateway": {"enabled": True, "discovery": {"enabled": False}}}, "the gateway has no replicas"),
     ],
     ids=["hpa-min-gt-max", "hpa-and-keda", "keda-min-gt-max", "keda-no-prometheus", "hpa-min-zero",
          "hpa-no-metric", "cpu-metric-no-request", "bad-source", "pvc-no-claim", "object-storage-no-uri",
          "pdb-both", "worker-keda-no-worker", "worker-no-redis", "bad-model-name", "grpc-ingress-no-host",
-         "gpu-zero"],
+         "gpu-zero", "gateway-no-replicas"],
 )
 def test_wrong_values_fail_clearly(values: dict[str, Any], message: str) -> None:
     error = render_error(values)

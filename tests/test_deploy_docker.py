@@ -147,7 +147,7 @@ def test_compose_prometheus_config() -> None:
     config_path = COMPOSE_DIR / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {"server:8002", "gateway:9002"}
+    assert targets == {"server:8002", "gateway:9002", "worker:9102"}
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not on PATH (Debian package prometheus; `make install-test` installs it as root)")

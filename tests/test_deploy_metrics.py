@@ -8,8 +8,10 @@ the server and answers the chart's queue-depth queries and the dashboard's p99 h
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import shutil
 import subprocess
 import threading
@@ -47,6 +49,18 @@ EXTERNAL_METRICS = {
     "kube_horizontalpodautoscaler_status_desired_replicas": "kube-state-metrics",
     "DCGM_FI_DEV_GPU_UTIL": "NVIDIA dcgm-exporter",
     "DCGM_FI_DEV_FB_USED": "NVIDIA dcgm-exporter",
+}
+
+# Series of `inferstack gateway` and `inferstack worker` (developed on the gateway and async branches; names read
+# from their metrics modules at gateway aa62db8 / async 09f707d). Checked against those modules' source when they
+# are importable (test_dashboard_gateway_and_worker_metrics_exist_in_their_modules).
+GATEWAY_METRICS = {
+    "inferstack_gateway_requests_total", "inferstack_gateway_retries_total",
+    "inferstack_gateway_request_duration_seconds_bucket", "inferstack_gateway_replica_ready",
+}
+WORKER_METRICS = {
+    "inferstack_job_queue_length", "inferstack_job_running", "inferstack_job_oldest_age_seconds",
+    "inferstack_jobs_total",
 }
 
 # promtool's lint findings on our exposition that are known and deliberate (kept for Triton name parity:
@@ -177,7 +191,7 @@ def test_dashboard_metrics_exist(exposition: str) -> None:
     for title, expr in exprs:
         names = promql_metric_names(expr)
         assert names, f"{title}: no metric in {expr}"
-        unknown = names - samples - set(EXTERNAL_METRICS)
+        unknown = names - samples - set(EXTERNAL_METRICS) - GATEWAY_METRICS - WORKER_METRICS
         assert not unknown, f"dashboard panel {title!r} reads {unknown}: not exported by inferstack ({expr})"
         read |= names
     # The issue's panels: throughput, errors, latency, queue depth, batch sizes, cache, replicas, GPU.
@@ -186,8 +200,21 @@ def test_dashboard_metrics_exist(exposition: str) -> None:
                    "inferstack_batch_size_bucket", "inferstack_cache_hits_total", "inferstack_model_ready",
                    "DCGM_FI_DEV_GPU_UTIL"):
         assert needed in read, needed
+    assert GATEWAY_METRICS | WORKER_METRICS <= read, "keep the lists to what the dashboard reads"
     titles = {p["title"] for p in dashboard["panels"]}
     assert {"Request latency p50 / p95 / p99", "Queue depth (pending requests)", "Replicas serving"} <= titles
+
+
+@pytest.mark.parametrize(("module", "names"), [("inferstack.gateway.metrics", GATEWAY_METRICS),
+                                                ("inferstack.jobs.metrics", WORKER_METRICS)])
+def test_dashboard_gateway_and_worker_metrics_exist_in_their_modules(module: str, names: set[str]) -> None:
+    found = importlib.util.find_spec(module.rsplit(".", 1)[0])
+    if found is None:
+        pytest.skip(f"{module} is not in this checkout yet (developed on another branch)")
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    for name in names:
+        stem = re.sub(r"_(total|bucket)$", "", name).removeprefix("inferstack_gateway_").removeprefix("inferstack_")
+        assert f'_{stem}"' in source or f'"{stem}"' in source, f"{module} has no {name}"
 
 
 def _promtool() -> str:

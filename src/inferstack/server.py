@@ -23,6 +23,8 @@ from pathlib import Path
 
 import uvicorn
 
+from inferstack.jobs.queue import QueueSettings
+from inferstack.jobs.service import JobsConfig, JobService
 from inferstack.observability.metrics import create_registry, start_metrics_server
 from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
@@ -59,6 +61,15 @@ class ServerSettings:
     exit_timeout_secs: float = 30.0
     #: Triton's ``--cache-config`` values (``local,size=BYTES``); empty: no response cache.
     cache_config: list[str] = field(default_factory=list)
+    #: Async jobs: Redis URL of the queue (None: in-process queue), and its settings (docs/async.md).
+    jobs_redis_url: str | None = None
+    jobs_queue_prefix: str = "inferstack:jobs"
+    #: Embedded job worker slots; None: 4 with the in-process queue, 0 with Redis.
+    job_workers: int | None = None
+    webhook_secret: str | None = None
+    job_result_ttl: float = 3600.0
+    job_max_attempts: int = 3
+    job_visibility_timeout: float = 60.0
 
     def manager_options(self) -> ServerOptions:
         return ServerOptions(
@@ -90,6 +101,13 @@ class InferenceServer:
             self.manager, max_body_bytes=settings.max_request_bytes, shared_memory=self.shared_memory
         )
         self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS, shared_memory=self.shared_memory)
+        self.jobs = JobService(JobsConfig(
+            redis_url=settings.jobs_redis_url, queue_prefix=settings.jobs_queue_prefix, workers=settings.job_workers,
+            webhook_secret=settings.webhook_secret,
+            settings=QueueSettings(result_ttl=settings.job_result_ttl, max_attempts=settings.job_max_attempts,
+                                   visibility_timeout=settings.job_visibility_timeout),
+        ), self.manager)
+        self.http_api.extra_routes += self.jobs.routes(self.http_api)
         self._stop = asyncio.Event()
 
     def request_shutdown(self) -> None:
@@ -116,9 +134,9 @@ class InferenceServer:
         metrics_server = None
         if s.allow_metrics:
             try:
-                metrics_server = start_metrics_server(
-                    create_registry(self.manager, self.http_api.responses), s.host, s.metrics_port
-                )
+                registry = create_registry(self.manager, self.http_api.responses)
+                registry.register(self.jobs.collector())
+                metrics_server = start_metrics_server(registry, s.host, s.metrics_port)
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%d: %s", s.host, s.metrics_port, exc)
                 return 1
@@ -151,6 +169,7 @@ class InferenceServer:
                 timeout_keep_alive=75,
             )
         )
+        await self.jobs.start()
         http_task = loop.create_task(_serve_http(http), name="http")
         loading = loop.create_task(self.manager.load_startup_models(), name="load-models")
         if watcher is not None:
@@ -185,6 +204,7 @@ class InferenceServer:
                 loading.cancel()
                 with contextlib.suppress(BaseException):
                     await loading
+            await self.jobs.stop(s.exit_timeout_secs)
             await self.manager.shutdown()
             self.shared_memory.unregister()
             if metrics_server is not None:

@@ -30,7 +30,7 @@ from tests.support import MLP_CONFIG, free_port
 
 READY_TIMEOUT = 120.0
 
-#: ~1-2 s per request on one core: long enough to kill a worker in the middle of one.
+#: ~1 s per request on one core: long enough to kill a worker in the middle of one.
 SLOW_JOB_CONFIG = """
 max_batch_size: 4
 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
@@ -52,7 +52,7 @@ def build_jobs_repository(root: Path) -> Path:
     w = onnx_models.write_model
     w(root, "mlp", onnx_models.mlp(), MLP_CONFIG)
     w(root, "cached", onnx_models.mlp(), CACHED_CONFIG)
-    w(root, "slow", onnx_models.slow_identity(4, repeats=200, size=512), SLOW_JOB_CONFIG)
+    w(root, "slow", onnx_models.slow_identity(4, repeats=100, size=512), SLOW_JOB_CONFIG)
     w(root, "quick", onnx_models.slow_identity(4, repeats=10, size=64), QUICK_CONFIG)
     return root
 
@@ -66,7 +66,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=self._log, stderr=subprocess.STDOUT,
@@ -125,7 +125,7 @@ class WorkerProcess:
                  repository: Path | None = None, server: str | None = None) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         source = ["--model-repository", str(repository)] if repository is not None else ["--server", str(server)]
         self.metrics_port = free_port()
         args = [sys.executable, "-m", "inferstack", "worker", "--redis-url", redis_url, "--jobs-queue", prefix,
@@ -201,7 +201,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
                     receiver.requests.append((dict(self.headers), body))
@@ -227,7 +227,7 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):  # noqa: ANN001
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -18,7 +18,6 @@ from tests.jobs_support import (  # noqa: F401 - fixtures
     WebhookReceiver,
     jobs_repository,
     poll_job,
-    queue_prefix,
     redis_url,
     start_worker,
     wait_for,
@@ -158,10 +157,25 @@ def test_inprocess_webhook(inprocess_server: ServerProcess) -> None:
 # -- Redis Streams with workers ---------------------------------------------------------------
 
 
-def test_redis_submit_poll_webhook_retried(jobs_repository, redis_url, queue_prefix, start_server,  # noqa: F811
+@pytest.fixture(scope="module")
+def redis_prefix() -> str:
+    return f"test:http:{time.monotonic_ns()}"
+
+
+@pytest.fixture(scope="module")
+def redis_server(jobs_repository: Path, redis_url: str, redis_prefix: str,  # noqa: F811
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server enqueueing to Redis for the module (no embedded workers: tests start their own)."""
+    log_path = tmp_path_factory.mktemp("jobs-redis-server") / "server.log"
+    server = ServerProcess(jobs_repository, "--jobs-redis-url", redis_url, "--jobs-queue", redis_prefix,
+                           "--webhook-secret", SECRET, log_path=log_path)
+    yield server
+    server.stop()
+
+
+def test_redis_submit_poll_webhook_retried(jobs_repository, redis_url, redis_prefix, redis_server,  # noqa: F811
                                            start_worker) -> None:  # noqa: F811
-    server = start_server(jobs_repository, "--jobs-redis-url", redis_url, "--jobs-queue", queue_prefix,
-                          "--webhook-secret", SECRET)
+    server, queue_prefix = redis_server, redis_prefix
     receiver = WebhookReceiver(SECRET, fail_first=2)
     try:
         with httpx.Client(timeout=30) as client:
@@ -194,9 +208,8 @@ def test_redis_submit_poll_webhook_retried(jobs_repository, redis_url, queue_pre
         receiver.stop()
 
 
-def test_worker_forwarding_to_a_server(jobs_repository, redis_url, queue_prefix, start_server,  # noqa: F811
-                                       start_worker) -> None:  # noqa: F811
-    server = start_server(jobs_repository, "--jobs-redis-url", redis_url, "--jobs-queue", queue_prefix)
+def test_worker_forwarding_to_a_server(redis_url, redis_prefix, redis_server, start_worker) -> None:  # noqa: F811
+    server, queue_prefix = redis_server, redis_prefix
     start_worker(redis_url, queue_prefix, server=server.url)
     with httpx.Client(timeout=30) as client:
         body, expected = mlp_body(4)
@@ -209,12 +222,14 @@ def test_worker_forwarding_to_a_server(jobs_repository, redis_url, queue_prefix,
         assert failed["status"] == "failed" and "INPUT0" in failed["error"] and failed["attempts"] == 1
 
 
-def test_worker_killed_mid_job_completes_elsewhere(jobs_repository, redis_url, queue_prefix, start_server,  # noqa: F811
+def test_worker_killed_mid_job_completes_elsewhere(jobs_repository, redis_url, redis_prefix, redis_server,  # noqa: F811
                                                    start_worker) -> None:  # noqa: F811
-    server = start_server(jobs_repository, "--jobs-redis-url", redis_url, "--jobs-queue", queue_prefix)
+    server, queue_prefix = redis_server, redis_prefix
     timeout = ["--job-visibility-timeout", "1"]
-    workers = {name: start_worker(redis_url, queue_prefix, *timeout, name=name, repository=jobs_repository)
-               for name in ("alpha", "beta")}
+    workers = {name: start_worker(redis_url, queue_prefix, *timeout, name=name, repository=jobs_repository,
+                                  wait=False) for name in ("alpha", "beta")}
+    for worker in workers.values():
+        worker.wait_started()
     store = redis.Redis.from_url(redis_url)
     try:
         with httpx.Client(timeout=30) as client:

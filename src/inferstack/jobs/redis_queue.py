@@ -228,12 +228,22 @@ class RedisJobQueue:
         return _record(job_id, {_text(k): v for k, v in fields.items()})
 
     async def result(self, job_id: str) -> bytes | None:
-        return await self.client.get(f"{self.prefix}:result:{job_id}")
+        from redis.exceptions import RedisError
+
+        try:
+            return await self.client.get(f"{self.prefix}:result:{job_id}")
+        except RedisError as exc:
+            raise UnavailableError(f"the job queue (Redis) is unavailable: {exc}", retry_after=1.0) from None
 
     async def cancel(self, job_id: str) -> JobRecord:
+        from redis.exceptions import RedisError
+
         keys = self._keys(job_id)
-        outcome = _text(await self._scripts["cancel"](keys=keys, args=[
-            job_id, repr(time.time()), self.settings.result_ttl, self.settings.record_retention]))
+        try:
+            outcome = _text(await self._scripts["cancel"](keys=keys, args=[
+                job_id, repr(time.time()), self.settings.result_ttl, self.settings.record_retention]))
+        except RedisError as exc:
+            raise UnavailableError(f"the job queue (Redis) is unavailable: {exc}", retry_after=1.0) from None
         record = await self.get(job_id)
         if not outcome or record is None:
             raise NotFoundError(f"unknown job {job_id!r}")

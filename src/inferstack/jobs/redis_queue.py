@@ -95,7 +95,7 @@ if attempts >= tonumber(ARGV[5]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[4], 'worker', ARGV[3], 'entry', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {'run', redis.call('GET', KEYS[2]) or ''}
+return {'run', redis.call('GET', KEYS[2]) or '', redis.call('HGETALL', KEYS[1])}
 """
 
 # ARGV: id, entry, status, result, error, error_status, now, ttl, retention
@@ -176,6 +176,7 @@ class RedisJobQueue:
         self._group_ready = False
         #: XAUTOCLAIM cursor: where this consumer's scan of the pending list resumes.
         self._cursor = "0-0"
+        self._next_scan = 0.0
 
     def _keys(self, job_id: str) -> list[str]:
         p = self.prefix
@@ -274,20 +275,27 @@ class RedisJobQueue:
             exhausted_reason(s.max_attempts, ""),
         ])
         verdict = _text(reply[0])
-        if verdict not in ("run", "dead"):
+        if verdict == "dead":  # the worker only records the outcome and sends the webhook
+            record = await self.get(job_id)
+            return Claim(record, Payload(b""), entry_id) if record is not None else None
+        if verdict != "run":
             return None
-        record = await self.get(job_id)
-        if record is None:
-            return None
-        if verdict == "dead":  # the worker only sends the webhook
-            return Claim(record, Payload(b""), entry_id)
-        body = reply[1]
-        header_length = await self.client.hget(f"{self.prefix}:job:{job_id}", "header_length")
-        header = _text(header_length)
-        return Claim(record, Payload(body, int(header) if header else None), entry_id)
+        flat = reply[2]
+        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        header = _text(fields.get("header_length"))
+        return Claim(_record(job_id, fields), Payload(reply[1], int(header) if header else None), entry_id)
 
     async def _reclaim(self, consumer: str) -> Any:
-        """One pending entry idle past the visibility timeout, now owned by ``consumer``; else None."""
+        """One pending entry idle past the visibility timeout, now owned by ``consumer``; else None.
+
+        The pending list is scanned at most every quarter visibility timeout (and
+        continuously while a scan is under way), not before every claim: a stale
+        entry waits a little longer, a busy queue saves a round trip per job.
+        """
+        now = time.monotonic()
+        if self._cursor == "0-0" and now < self._next_scan:
+            return None
+        self._next_scan = now + min(1.0, self.settings.visibility_timeout / 4)
         idle_ms = max(1, int(self.settings.visibility_timeout * 1000))
         reply = await self.client.xautoclaim(self.stream, GROUP, consumer, idle_ms, start_id=self._cursor, count=1)
         cursor, entries = _text(reply[0]), reply[1]
@@ -303,15 +311,17 @@ class RedisJobQueue:
 
     async def complete(self, claim: Claim, outcome: Outcome) -> bool:
         job_id = claim.record.id
+        now = time.time()
         written = await self._scripts["complete"](keys=self._keys(job_id), args=[
             job_id, claim.token, outcome.status.value, outcome.result, outcome.error,
-            "" if outcome.error_status is None else outcome.error_status, repr(time.time()),
+            "" if outcome.error_status is None else outcome.error_status, repr(now),
             self.settings.result_ttl, self.settings.record_retention,
         ])
         if written:
-            record = await self.get(job_id)
-            if record is not None:
-                claim.record = record
+            record = claim.record
+            record.status, record.finished_at = outcome.status, now
+            record.error, record.error_status = outcome.error, outcome.error_status
+            record.result_writes += 1
         return bool(written)
 
     async def retry(self, claim: Claim, error: str) -> JobRecord:

@@ -208,3 +208,32 @@ def test_oldest_age(make_queue) -> None:
     started = time.monotonic()
     run(main())
     assert time.monotonic() - started < 30
+
+
+def test_webhook_of_a_job_whose_worker_died_after_finishing_is_redelivered(redis_url, queue_prefix) -> None:  # noqa: F811
+    """Redis keeps a job with a callback pending until its webhook is out: a worker dying in between
+    leaves the delivery (not the execution) to the next worker."""
+
+    async def main():
+        queue = RedisJobQueue(redis_url, QueueSettings(visibility_timeout=0.2), prefix=queue_prefix)
+        record = await submit(queue, callback_url="http://example.invalid/h")
+        plain = await submit(queue)
+        claim = await queue.claim("dies", 1.0)
+        other = await queue.claim("lives", 1.0)
+        assert await queue.complete(claim, Outcome(JobStatus.SUCCEEDED, result=b'{"r":1}'))
+        assert await queue.complete(other, Outcome(JobStatus.SUCCEEDED, result=b'{"r":2}'))
+        assert (await queue.stats()).pending == 1  # only the one waiting for its webhook
+        await asyncio.sleep(0.4)  # "dies" never delivered it
+        again = await queue.claim("next", 1.0)
+        assert again is not None and again.webhook_only and again.record.id == record.id
+        assert again.record.status is JobStatus.SUCCEEDED and again.record.result_writes == 1
+        await queue.set_webhook(record.id, "delivered", 1, "")
+        await queue.ack(again)
+        await asyncio.sleep(0.4)
+        assert await queue.claim("next", 0.3) is None
+        stats = await queue.stats()
+        assert (stats.queued, stats.pending) == (0, 0) and stats.outcomes["succeeded"] == 2
+        assert (await queue.get(plain.id)).webhook_status == ""
+        await queue.close()
+
+    run(main())

@@ -75,6 +75,8 @@ class JobQueue(Protocol):
 
     async def retry(self, claim: Claim, error: str) -> JobRecord: ...
 
+    async def ack(self, claim: Claim) -> None: ...
+
     async def set_webhook(self, job_id: str, status: str, attempts: int, error: str) -> None: ...
 
     async def stats(self) -> QueueStats: ...
@@ -232,6 +234,9 @@ class InProcessJobQueue:
                 self._waiting.append(claim.record.id)
                 self._ready.notify()
         return _copy(entry.record)
+
+    async def ack(self, claim: Claim) -> None:
+        """Nothing to release: a finished job is never handed out again here."""
 
     async def set_webhook(self, job_id: str, status: str, attempts: int, error: str) -> None:
         entry = self._jobs.get(job_id)

@@ -55,6 +55,12 @@ return entry
 # Shared by the scripts that end a job: final state, result, ack, outcome counter.
 # KEYS: job, payload, stream, result, outcomes, dead
 _FINISH = """
+local function drop(entry)
+  redis.call('XACK', KEYS[3], '""" + GROUP + """', entry)
+  redis.call('XDEL', KEYS[3], entry)
+end
+-- A job with a callback keeps its entry pending until the webhook is delivered (ack
+-- script): a worker that dies in between leaves it to be reclaimed and delivered again.
 local function finish(status, result, err, err_status, now, ttl, retention, entry)
   if status == 'succeeded' then
     redis.call('SET', KEYS[4], result, 'PX', math.floor(tonumber(ttl) * 1000))
@@ -63,9 +69,9 @@ local function finish(status, result, err, err_status, now, ttl, retention, entr
   redis.call('HINCRBY', KEYS[1], 'result_writes', 1)
   redis.call('PEXPIRE', KEYS[1], math.floor((tonumber(ttl) + tonumber(retention)) * 1000))
   redis.call('DEL', KEYS[2])
-  redis.call('XACK', KEYS[3], '""" + GROUP + """', entry)
-  redis.call('XDEL', KEYS[3], entry)
   redis.call('HINCRBY', KEYS[5], status, 1)
+  local callback = redis.call('HGET', KEYS[1], 'callback_url')
+  if not callback or callback == '' then drop(entry) end
 end
 local function dead_letter(reason, now, ttl, retention, entry)
   finish('failed', '', reason, 500, now, ttl, retention, entry)
@@ -74,17 +80,20 @@ local function dead_letter(reason, now, ttl, retention, entry)
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'id', ARGV[1], 'model', job[1], 'version', job[2],
     'attempts', job[3], 'reason', reason, 'at', now)
 end
-local function drop(entry)
-  redis.call('XACK', KEYS[3], '""" + GROUP + """', entry)
-  redis.call('XDEL', KEYS[3], entry)
-end
 """
 
 # ARGV: id, entry, consumer, now, max_attempts, ttl, retention, reason_if_exhausted
 _CLAIM = _FINISH + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then drop(ARGV[2]) return {'gone'} end
-if status ~= 'queued' and status ~= 'running' then drop(ARGV[2]) return {'skip', status} end
+if status ~= 'queued' and status ~= 'running' then
+  local job = redis.call('HMGET', KEYS[1], 'callback_url', 'webhook_status')
+  if status ~= 'cancelled' and job[1] and job[1] ~= '' and job[2] == 'pending' then
+    return {'webhook', '', redis.call('HGETALL', KEYS[1])}  -- finished, its webhook not sent yet
+  end
+  drop(ARGV[2])
+  return {'skip', status}
+end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 if attempts >= tonumber(ARGV[5]) then
   local last = redis.call('HGET', KEYS[1], 'last_error')
@@ -275,6 +284,10 @@ class RedisJobQueue:
             exhausted_reason(s.max_attempts, ""),
         ])
         verdict = _text(reply[0])
+        if verdict == "webhook":  # finished by a worker that died before its webhook went out
+            flat = reply[2]
+            fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+            return Claim(_record(job_id, fields), Payload(b""), entry_id, webhook_only=True)
         if verdict == "dead":  # the worker only records the outcome and sends the webhook
             record = await self.get(job_id)
             return Claim(record, Payload(b""), entry_id) if record is not None else None
@@ -330,6 +343,13 @@ class RedisJobQueue:
         await self._scripts["retry"](keys=self._keys(job_id), args=[
             job_id, claim.token, error, repr(time.time()), s.max_attempts, s.result_ttl, s.record_retention])
         return await self.get(job_id) or claim.record
+
+    async def ack(self, claim: Claim) -> None:
+        """Release a finished job's entry (after its webhook was delivered, or given up)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, GROUP, claim.token)
+            pipe.xdel(self.stream, claim.token)
+            await pipe.execute()
 
     async def set_webhook(self, job_id: str, status: str, attempts: int, error: str) -> None:
         key = f"{self.prefix}:job:{job_id}"

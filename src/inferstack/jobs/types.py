@@ -130,6 +130,8 @@ class Claim:
     payload: Payload
     #: Backend-specific delivery handle (the stream entry id for Redis).
     token: str = ""
+    #: The job already finished; only its webhook is left to deliver (its worker died first).
+    webhook_only: bool = False
 
 
 @dataclass(slots=True)

@@ -110,20 +110,24 @@ class Worker:
         record = claim.record
         token = request_id_var.set(record.request_id or record.id)
         try:
-            if record.status is JobStatus.FAILED:  # dead-lettered while being claimed
-                log.warning("job %s dead-lettered: %s", record.id, record.error)
-                self._observe(record)
-                await self._callback(claim)
-                return
             beat = asyncio.get_running_loop().create_task(self._heartbeat(claim, consumer))
             try:
-                await self._execute(claim, beat)
+                if claim.webhook_only:
+                    log.info("job %s: delivering the webhook its previous worker did not", record.id)
+                    result = await self.queue.result(record.id) if record.status is JobStatus.SUCCEEDED else None
+                    await self._callback(claim, Outcome(record.status, result=result) if result else None)
+                elif record.status is JobStatus.FAILED:  # dead-lettered as it was claimed
+                    log.warning("job %s dead-lettered: %s", record.id, record.error)
+                    self._observe(record)
+                    await self._callback(claim)
+                else:
+                    await self._execute(claim)
             finally:
                 await stop_task(beat)
         finally:
             request_id_var.reset(token)
 
-    async def _execute(self, claim: Claim, beat: asyncio.Task[None]) -> None:
+    async def _execute(self, claim: Claim) -> None:
         record = claim.record
         started = time.perf_counter()
         error = ""
@@ -141,7 +145,6 @@ class Worker:
             self.metrics.retries += 1
             await asyncio.sleep(min(5.0, self.retry_backoff * 2 ** max(0, record.attempts - 1)))
             after = await self.queue.retry(claim, error)
-            await stop_task(beat)
             if after.status is JobStatus.FAILED:
                 log.warning("job %s failed and dead-lettered: %s", record.id, after.error)
                 claim.record = after
@@ -151,7 +154,6 @@ class Worker:
                 log.info("job %s: attempt %d failed, requeued: %s", record.id, record.attempts, error)
             return
         written = await self.queue.complete(claim, outcome)
-        await stop_task(beat)
         if written:
             self._observe(claim.record)
             await self._callback(claim, outcome)
@@ -175,18 +177,21 @@ class Worker:
                 log.warning("job %s: heartbeat failed: %s", claim.record.id, exc)
 
     async def _callback(self, claim: Claim, outcome: Outcome | None = None) -> None:
+        """Deliver the webhook (the claim's heartbeat still runs), record the outcome, release the entry."""
         record = claim.record
         if not record.callback_url:
             return
         if self.webhooks is None:
             await self.queue.set_webhook(record.id, "failed", 0, "this worker has no webhook secret configured")
             self.metrics.webhooks["failed"] += 1
+            await self.queue.ack(claim)
             return
         result = outcome.result if outcome is not None and outcome.status is JobStatus.SUCCEEDED else None
         delivery = await self.webhooks.deliver(record.callback_url, record.id, callback_body(record, result))
         self.metrics.webhooks["delivered" if delivery.delivered else "failed"] += 1
         await self.queue.set_webhook(record.id, "delivered" if delivery.delivered else "failed",
                                      delivery.attempts, delivery.error)
+        await self.queue.ack(claim)
 
 
 @dataclass(slots=True)

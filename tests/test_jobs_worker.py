@@ -91,3 +91,16 @@ def test_redis_unreachable_submission_is_503() -> None:
         await queue.close()
 
     asyncio.run(main())
+
+
+def test_worker_command_needs_one_source(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from inferstack.cli import app
+
+    runner = CliRunner()
+    neither = runner.invoke(app, ["worker", "--redis-url", "redis://127.0.0.1:1/0"])
+    both = runner.invoke(app, ["worker", "--redis-url", "redis://127.0.0.1:1/0", "--model-repository",
+                               str(tmp_path), "--server", "http://x"])
+    for result in (neither, both):
+        assert result.exit_code == 2 and "exactly one of --model-repository and --server" in result.output

@@ -14,17 +14,21 @@ from inferstack.jobs.runners import RemoteRunner
 from inferstack.jobs.types import JobSpec, JobStatus, Payload
 from inferstack.jobs.webhooks import WebhookSender, sign, verify
 from inferstack.jobs.worker import Worker
-from tests.jobs_support import WebhookReceiver
+from tests.jobs_support import WebhookReceiver, queue_prefix, redis_url  # noqa: F401 - fixtures
 from tests.support import free_port
 
 BODY = b'{"inputs":[{"name":"INPUT0","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 
 
-def test_unreachable_backend_is_retried_then_dead_lettered_with_the_reason() -> None:
+@pytest.mark.parametrize("backend", ["inprocess", "redis"])
+def test_unreachable_backend_is_retried_then_dead_lettered_with_the_reason(backend, redis_url,  # noqa: F811
+                                                                           queue_prefix) -> None:  # noqa: F811
     receiver = WebhookReceiver("s")
 
     async def main():
-        queue = InProcessJobQueue(QueueSettings(max_attempts=2))
+        settings = QueueSettings(max_attempts=2)
+        queue = (InProcessJobQueue(settings) if backend == "inprocess"
+                 else RedisJobQueue(redis_url, settings, prefix=queue_prefix))
         runner = RemoteRunner(f"http://127.0.0.1:{free_port()}")
         webhooks = WebhookSender("s", backoff=0.01)
         worker = Worker(queue, runner, webhooks=webhooks, claim_block=0.1, retry_backoff=0.01)
@@ -44,6 +48,9 @@ def test_unreachable_backend_is_retried_then_dead_lettered_with_the_reason() -> 
         assert [d["id"] for d in dead] == [record.id] and dead[0]["reason"] == job.error
         assert worker.metrics.retries == 2 and worker.executed == 2
         assert job.webhook_status == "delivered"
+        stats = await queue.stats()
+        assert (stats.queued, stats.pending, stats.dead_letters) == (0, 0, 1)
+        await queue.close()
         return record.id, job.error
 
     try:

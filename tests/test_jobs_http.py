@@ -240,7 +240,7 @@ def test_worker_killed_mid_job_completes_elsewhere(jobs_repository, redis_url, r
             workers[victim].kill()  # SIGKILL in the middle of the ~1-2 s job
             started = time.monotonic()
             done = poll_job(client, server.url, job["id"], timeout=90)
-            assert done["status"] == "succeeded" and done["attempts"] == 2, done
+            assert done["status"] == "succeeded" and done["attempts"] >= 2, done
             assert done["result"]["outputs"][0]["data"] == [4, 3, 2, 1]
             survivor = store.hget(f"{queue_prefix}:job:{job['id']}", "worker").decode()
             assert survivor.rsplit("-", 1)[0] != victim

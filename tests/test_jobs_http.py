@@ -131,8 +131,9 @@ def test_cancel_queued_but_not_running(inprocess_server: ServerProcess) -> None:
         assert poll_job(client, url, ids[1])["status"] == "succeeded"
         assert client.get(f"{url}/v2/jobs/{ids[2]}").json()["status"] == "cancelled"  # never ran
         assert client.delete(f"{url}/v2/jobs/{ids[1]}").status_code == 409
-        metrics = httpx.get(inprocess_server.metrics_url).text
-        assert 'inferstack_jobs_total{outcome="cancelled",queue="in-process"}' in metrics
+        cancelled = 'inferstack_jobs_total{outcome="cancelled",queue="in-process"} 1.0'
+        metrics = wait_for(lambda: cancelled in (m := httpx.get(inprocess_server.metrics_url).text) and m,
+                           30, what="job metrics (refreshed every 2 s)")
         assert "inferstack_job_queue_length" in metrics and "inferstack_job_oldest_age_seconds" in metrics
         assert 'inferstack_job_duration_seconds_count{outcome="succeeded",queue="in-process"}' in metrics
 
@@ -200,9 +201,9 @@ def test_redis_submit_poll_webhook_retried(jobs_repository, redis_url, redis_pre
             recorded = wait_for(lambda: (j := client.get(f"{server.url}/v2/jobs/{job['id']}").json())["webhook"]
                                 ["status"] == "delivered" and j, 30, what="webhook outcome")
             assert recorded["webhook"]["attempts"] == 3
-            metrics = wait_for(lambda: 'outcome="succeeded"' in (m := httpx.get(server.metrics_url).text) and m,
-                               30, what="job metrics")
-            assert f'inferstack_jobs_total{{outcome="succeeded",queue="{queue_prefix}"}} 1.0' in metrics
+            succeeded = f'inferstack_jobs_total{{outcome="succeeded",queue="{queue_prefix}"}} 1.0'
+            metrics = wait_for(lambda: succeeded in (m := httpx.get(server.metrics_url).text) and m,
+                               30, what="job metrics (refreshed every 2 s)")
             assert f'inferstack_job_queue_length{{queue="{queue_prefix}"}} 0.0' in metrics
     finally:
         receiver.stop()

@@ -105,9 +105,13 @@ def test_worker_command_needs_one_source(tmp_path) -> None:
 
     from inferstack.cli import app
 
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
     neither = runner.invoke(app, ["worker", "--redis-url", "redis://127.0.0.1:1/0"])
     both = runner.invoke(app, ["worker", "--redis-url", "redis://127.0.0.1:1/0", "--model-repository",
                                str(tmp_path), "--server", "http://x"])
     for result in (neither, both):
         assert result.exit_code == 2 and "exactly one of --model-repository and --server" in result.output
+    for command in (["worker", "--server", "http://x", "--redis-url"], ["serve", "--model-repository", str(tmp_path),
+                                                                        "--jobs-redis-url"]):
+        result = runner.invoke(app, [*command, "localhost:6379"])
+        assert result.exit_code == 2 and "expected a redis://, rediss:// or unix:// URL" in result.output, result.output

@@ -54,6 +54,17 @@ def _check_cache_config(value: Optional[list[str]]) -> Optional[list[str]]:
     return value
 
 
+def _check_redis_url(value: Optional[str]) -> Optional[str]:
+    if value:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise typer.BadParameter(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise typer.BadParameter("needs redis-py: pip install 'inferstack[redis]'") from None
+    return value
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -108,7 +119,7 @@ def serve(
                      help="Response cache for models with response_cache { enable: true }: local,size=BYTES (Triton's syntax), or redis,url=redis://HOST:PORT,ttl=SECONDS shared by replicas."),
     ] = None,
     jobs_redis_url: Annotated[
-        Optional[str], typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", help="Async jobs: Redis URL of the shared job queue (default: an in-process queue).")
+        Optional[str], typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", callback=_check_redis_url, help="Async jobs: Redis URL of the shared job queue (default: an in-process queue).")
     ] = None,
     jobs_queue: Annotated[str, typer.Option(help="Async jobs: key prefix of the Redis queue (servers and workers must agree).")] = "inferstack:jobs",
     job_workers: Annotated[
@@ -248,7 +259,7 @@ def analyze(
 
 @app.command(no_args_is_help=True)
 def worker(
-    redis_url: Annotated[str, typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", help="Redis URL of the job queue.")],
+    redis_url: Annotated[str, typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", callback=_check_redis_url, help="Redis URL of the job queue.")],
     model_repository: Annotated[
         Optional[Path],
         typer.Option("--model-repository", help="Run jobs in this process, on the models of this repository.",

@@ -128,7 +128,18 @@ def test_cancel_queued_but_not_running(inprocess_server: ServerProcess) -> None:
         assert response.status_code == 409 and "running" in response.json()["error"]
         assert client.get(f"{url}/v2/jobs/{ids[2]}").json()["status"] == "cancelled"
         assert client.delete(f"{url}/v2/jobs/{ids[2]}").status_code == 409
+        # Long poll: a short wait answers with the current status; a long one blocks until the job ends.
+        fresh = client.post(f"{url}/v2/models/slow/infer/async", content=identity_body([7, 0, 0, 0])).json()["id"]
+        started = time.monotonic()
+        pending = client.get(f"{url}/v2/jobs/{fresh}", params={"wait": 0.2}).json()
+        assert pending["status"] in ("queued", "running") and time.monotonic() - started >= 0.2, pending
+        waited = client.get(f"{url}/v2/jobs/{fresh}", params={"wait": 30}, timeout=60).json()
+        assert waited["status"] == "succeeded" and time.monotonic() - started < 25, waited
+        assert waited["result"]["outputs"][0]["data"] == [7, 0, 0, 0]
         assert poll_job(client, url, ids[1])["status"] == "succeeded"
+        for bad in ("soon", "-1", "61"):
+            response = client.get(f"{url}/v2/jobs/{ids[1]}", params={"wait": bad})
+            assert response.status_code == 400 and "'wait'" in response.json()["error"]
         assert client.get(f"{url}/v2/jobs/{ids[2]}").json()["status"] == "cancelled"  # never ran
         assert client.delete(f"{url}/v2/jobs/{ids[1]}").status_code == 409
         cancelled = 'inferstack_jobs_total{outcome="cancelled",queue="in-process"} 1.0'

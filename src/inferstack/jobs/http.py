@@ -2,14 +2,17 @@
 
 - ``POST /v2/models/{m}[/versions/{v}]/infer/async``: a normal v2 infer body;
   202 with the job id and its status URL as soon as the job is queued.
-- ``GET /v2/jobs/{id}``: the job's status and, once it succeeded, the v2
-  inference response under ``result``.
+- ``GET /v2/jobs/{id}[?wait=SECONDS]``: the job's status and, once it
+  succeeded, the v2 inference response under ``result``; ``wait`` long-polls
+  (answers when the job ends, or after that many seconds, at most 60).
 - ``DELETE /v2/jobs/{id}``: cancel a queued job; 409 once it runs or ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import orjson
 from starlette.requests import Request
@@ -19,7 +22,7 @@ from starlette.routing import Route
 from inferstack.core.errors import InvalidArgumentError, NotFoundError
 from inferstack.jobs import payload as payloads
 from inferstack.jobs.queue import JobQueue
-from inferstack.jobs.types import JobRecord, JobSpec, JobStatus
+from inferstack.jobs.types import FINAL, JobRecord, JobSpec, JobStatus
 from inferstack.observability.logs import request_id_var
 from inferstack.protocol import rest
 from inferstack.serving import ModelManager
@@ -27,6 +30,22 @@ from inferstack.serving import ModelManager
 _JSON = "application/json"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _VERSION = re.compile(r"^[1-9][0-9]*$")
+
+
+#: Longest ``?wait=`` a status request may block.
+MAX_WAIT = 60.0
+
+
+def _wait_seconds(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        wait = float(value)
+    except ValueError:
+        raise InvalidArgumentError(f"query parameter 'wait' must be a number of seconds, got {value!r}") from None
+    if not 0 <= wait <= MAX_WAIT:
+        raise InvalidArgumentError(f"query parameter 'wait' must be between 0 and {MAX_WAIT:.0f} seconds, got {value}")
+    return wait
 
 
 def job_document(record: JobRecord, result: bytes | None) -> bytes:
@@ -76,6 +95,15 @@ class JobsApi:
 
     async def status(self, request: Request, job_id: str) -> Response:
         record = await self._record(job_id)
+        wait = _wait_seconds(request.query_params.get("wait"))
+        if wait and record.status not in FINAL:
+            # Long poll: answer as soon as the job ends, or after ``wait`` seconds either way.
+            deadline = time.monotonic() + wait
+            delay = 0.02
+            while record.status not in FINAL and time.monotonic() < deadline:
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.25)
+                record = await self._record(job_id)
         result = await self.queue.result(job_id) if record.status is JobStatus.SUCCEEDED else None
         return Response(job_document(record, result), media_type=_JSON)
 

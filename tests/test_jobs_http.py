@@ -78,6 +78,12 @@ def test_submit_poll_result(inprocess_server: ServerProcess) -> None:
         assert poll_job(client, url, versioned.json()["id"])["result"]["model_version"] == "1"
         sync = client.post(f"{url}/v2/models/mlp/infer", content=body)
         assert sync.status_code == 200 and "outputs" in sync.json()
+        # A retried submission with the same Idempotency-Key gets the first job, not a second one.
+        keyed = [client.post(f"{url}/v2/models/mlp/infer/async", content=body, headers={"Idempotency-Key": "k-1"})
+                 for _ in range(2)]
+        assert [r.status_code for r in keyed] == [202, 202] and keyed[0].json()["id"] == keyed[1].json()["id"]
+        long_key = client.post(f"{url}/v2/models/mlp/infer/async", content=body, headers={"Idempotency-Key": "k" * 256})
+        assert long_key.status_code == 400 and "Idempotency-Key" in long_key.json()["error"]
         # Binary output requests still give a JSON result (it is stored, then fetched).
         binary_body, expected = mlp_body(2, binary_data_output=True)
         job = client.post(f"{url}/v2/models/mlp/infer/async", content=binary_body).json()

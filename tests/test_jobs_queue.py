@@ -237,3 +237,22 @@ def test_webhook_of_a_job_whose_worker_died_after_finishing_is_redelivered(redis
         await queue.close()
 
     run(main())
+
+
+def test_idempotency_key_returns_the_first_job(make_queue) -> None:
+    async def main():
+        queue = make_queue()
+        first = await submit(queue, idempotency_key="order-17")
+        again = await submit(queue, idempotency_key="order-17", payload=b"{}")
+        other_model = await submit(queue, model="n", idempotency_key="order-17")
+        no_key = [await submit(queue), await submit(queue)]
+        assert again.id == first.id and other_model.id != first.id and no_key[0].id != no_key[1].id
+        assert (await queue.stats()).queued == 4
+        claim = await queue.claim("w", 1.0)
+        assert claim.record.id == first.id and claim.payload.body == BODY  # the first payload, not the retry's
+        await queue.complete(claim, Outcome(JobStatus.SUCCEEDED, result=b"{}"))
+        replay = await submit(queue, idempotency_key="order-17")
+        assert replay.id == first.id and replay.status is JobStatus.SUCCEEDED
+        await queue.close()
+
+    run(main())

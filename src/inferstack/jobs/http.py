@@ -83,8 +83,12 @@ class JobsApi:
                 f"request parameter {payloads.CALLBACK_PARAMETER!r} needs a webhook secret to sign callbacks; "
                 "start the server with --webhook-secret (or INFERSTACK_WEBHOOK_SECRET)"
             )
+        key = request.headers.get("idempotency-key", "")
+        if len(key) > 255:
+            raise InvalidArgumentError(f"Idempotency-Key is {len(key)} characters long; the limit is 255")
         record = await self.queue.submit(
-            JobSpec(model=model, version=version, callback_url=callback_url, request_id=request_id_var.get()),
+            JobSpec(model=model, version=version, callback_url=callback_url, request_id=request_id_var.get(),
+                    idempotency_key=key),
             payload,
         )
         status_url = f"/v2/jobs/{record.id}"

@@ -17,6 +17,7 @@ behaves like a server with Redis and workers, only not durable:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -90,6 +91,11 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def idempotency_digest(spec: JobSpec) -> str:
+    """An Idempotency-Key is scoped to the model and version it was sent for."""
+    return hashlib.sha256(f"{spec.model}\0{spec.version}\0{spec.idempotency_key}".encode()).hexdigest()
+
+
 def exhausted_reason(attempts: int, last_error: str) -> str:
     why = last_error or "the worker running it was lost (no heartbeat within the visibility timeout)"
     return f"gave up after {attempts} attempt(s): {why}"
@@ -104,6 +110,8 @@ class _Entry:
     token: str = ""
     heartbeat: float = 0.0
     last_error: str = ""
+    #: The Idempotency-Key digest that maps to this job, if any.
+    idempotency: str = ""
 
 
 class InProcessJobQueue:
@@ -119,6 +127,8 @@ class InProcessJobQueue:
         self._outcomes: Counter[str] = Counter()
         self._dead: deque[dict[str, Any]] = deque(maxlen=10000)
         self._dead_total = 0
+        #: Idempotency-Key digest -> job id (dropped with the job).
+        self._idempotency: dict[str, str] = {}
         #: Completions refused because the job had already finished (a retried run losing the race).
         self.duplicate_completions = 0
 
@@ -126,6 +136,12 @@ class InProcessJobQueue:
 
     async def submit(self, spec: JobSpec, payload: Payload) -> JobRecord:
         self._sweep()
+        digest = idempotency_digest(spec) if spec.idempotency_key else ""
+        if digest:
+            existing = self._idempotency.get(digest)
+            entry = self._jobs.get(existing) if existing else None
+            if entry is not None and not self._gone(entry):
+                return _copy(entry.record)
         if len(self._waiting) >= self.settings.max_queued:
             raise UnavailableError(
                 f"the job queue is full ({self.settings.max_queued} jobs waiting)", retry_after=1.0
@@ -135,7 +151,9 @@ class InProcessJobQueue:
             result_ttl=self.settings.result_ttl, request_id=spec.request_id,
             webhook_status="pending" if spec.callback_url else "",
         )
-        self._jobs[record.id] = _Entry(record, payload)
+        self._jobs[record.id] = _Entry(record, payload, idempotency=digest)
+        if digest:
+            self._idempotency[digest] = record.id
         async with self._ready:
             self._waiting.append(record.id)
             self._ready.notify()
@@ -306,6 +324,8 @@ class InProcessJobQueue:
             entry = self._jobs[job_id]
             if self._gone(entry):
                 del self._jobs[job_id]
+                if entry.idempotency:
+                    self._idempotency.pop(entry.idempotency, None)
             elif entry.record.finished_at is None:
                 continue
 

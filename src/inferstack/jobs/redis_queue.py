@@ -8,6 +8,7 @@ Keys (``P`` is the queue prefix, ``inferstack:jobs`` by default)::
     P:result:<id>     the v2 JSON response, with a TTL (--job-result-ttl)
     P:dead            dead-letter stream: {id, model, attempts, reason}
     P:outcomes        hash: jobs finished, by outcome (cluster-wide counters)
+    P:idem:<digest>   the job id an Idempotency-Key (per model and version) created
 
 Delivery is at-least-once: a worker reads an entry with XREADGROUP, keeps it
 with XCLAIM heartbeats while it runs, and acknowledges it (XACK + XDEL) only
@@ -28,7 +29,7 @@ import time
 from typing import Any
 
 from inferstack.core.errors import NotFoundError, UnavailableError
-from inferstack.jobs.queue import QueueSettings, exhausted_reason, new_job_id
+from inferstack.jobs.queue import QueueSettings, exhausted_reason, idempotency_digest, new_job_id
 from inferstack.jobs.types import (
     Claim,
     ConflictError,
@@ -43,13 +44,19 @@ from inferstack.jobs.types import (
 GROUP = "workers"
 
 # KEYS: job, payload, stream   ARGV: id, created, model, version, callback, ttl, request_id, body, header_length
+# KEYS[4]: the idempotency key's mapping (ARGV[10] = 1 when the client sent one); ARGV[11]: its TTL (ms)
 _SUBMIT = """
+if ARGV[10] == '1' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return {'existing', existing} end
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[11])
+end
 redis.call('SET', KEYS[2], ARGV[8])
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[2], 'model', ARGV[3], 'version', ARGV[4],
   'callback_url', ARGV[5], 'result_ttl', ARGV[6], 'request_id', ARGV[7], 'header_length', ARGV[9],
   'attempts', 0, 'result_writes', 0, 'entry', entry, 'webhook_status', ARGV[5] ~= '' and 'pending' or '')
-return entry
+return {'new', entry}
 """
 
 # Shared by the scripts that end a job: final state, result, ack, outcome counter.
@@ -214,12 +221,19 @@ class RedisJobQueue:
 
         job_id = new_job_id()
         now = time.time()
+        s = self.settings
+        idempotency = f"{self.prefix}:idem:{idempotency_digest(spec)}" if spec.idempotency_key else ""
         try:
             await self.ensure_group()
-            await self._scripts["submit"](keys=self._keys(job_id)[:3], args=[
-                job_id, repr(now), spec.model, spec.version, spec.callback_url or "", self.settings.result_ttl,
+            reply = await self._scripts["submit"](keys=[*self._keys(job_id)[:3], idempotency or self.stream], args=[
+                job_id, repr(now), spec.model, spec.version, spec.callback_url or "", s.result_ttl,
                 spec.request_id, payload.body, "" if payload.header_length is None else payload.header_length,
+                1 if idempotency else 0, int((s.result_ttl + s.record_retention) * 1000),
             ])
+            if _text(reply[0]) == "existing":
+                record = await self.get(_text(reply[1]))
+                if record is not None:
+                    return record
         except RedisError as exc:
             raise UnavailableError(f"the job queue (Redis) is unavailable: {exc}", retry_after=1.0) from None
         return JobRecord(id=job_id, model=spec.model, version=spec.version, created_at=now,

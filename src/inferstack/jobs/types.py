@@ -58,6 +58,8 @@ class JobSpec:
     version: str = ""
     callback_url: str | None = None
     request_id: str = ""
+    #: The client's ``Idempotency-Key``: submitting again with it returns the first job.
+    idempotency_key: str = ""
 
 
 @dataclass(slots=True)

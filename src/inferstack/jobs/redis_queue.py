@@ -234,6 +234,9 @@ class RedisJobQueue:
                 record = await self.get(_text(reply[1]))
                 if record is not None:
                     return record
+                # The key outlived its job (cannot happen with the TTLs used; never return a job not created).
+                await self.client.delete(idempotency)
+                return await self.submit(spec, payload)
         except RedisError as exc:
             raise UnavailableError(f"the job queue (Redis) is unavailable: {exc}", retry_after=1.0) from None
         return JobRecord(id=job_id, model=spec.model, version=spec.version, created_at=now,

@@ -121,6 +121,11 @@ def test_two_workers_share_ports_and_merge_metrics(mlp_repository: Path, start_s
             per_worker.append(line)
     assert len(per_worker) >= 2, server.log()
 
+    # Async jobs need a shared queue across workers: refused with the reason, not lost.
+    response = httpx.post(server.url + "/v2/models/mlp/infer/async", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "--jobs-redis-url" in response.json()["error"]
+
     assert server.stop() == 0
     for pid in pids.values():
         assert not _alive(pid), f"worker {pid} outlived the supervisor"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import uvicorn
 
+from inferstack.jobs.queue import QueueSettings
+from inferstack.jobs.service import JobsConfig, JobService
 from inferstack.observability.metrics import create_registry, start_metrics_server
 from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
@@ -74,6 +76,17 @@ class ServerSettings:
     #: sets it for a restarted worker, so connections the kernel hands it find its
     #: models READY while the other workers keep serving.
     listen_after_load: bool = False
+    #: Async jobs: Redis URL of the queue (None: in-process queue), and its settings (docs/async.md).
+    jobs_redis_url: str | None = None
+    jobs_queue_prefix: str = "inferstack:jobs"
+    #: Embedded job worker slots; None: 4 with the in-process queue, 0 with Redis.
+    job_workers: int | None = None
+    webhook_secret: str | None = None
+    job_result_ttl: float = 3600.0
+    job_max_attempts: int = 3
+    job_visibility_timeout: float = 60.0
+    #: Why this process serves no async jobs (set by ``serve --workers`` without Redis).
+    jobs_unavailable_reason: str | None = None
 
     def manager_options(self) -> ServerOptions:
         return ServerOptions(
@@ -107,6 +120,14 @@ class InferenceServer:
             self.manager, max_body_bytes=settings.max_request_bytes, shared_memory=self.shared_memory
         )
         self.grpc_service = GrpcService(self.manager, extensions=EXTENSIONS, shared_memory=self.shared_memory)
+        self.jobs = JobService(JobsConfig(
+            redis_url=settings.jobs_redis_url, queue_prefix=settings.jobs_queue_prefix, workers=settings.job_workers,
+            webhook_secret=settings.webhook_secret,
+            settings=QueueSettings(result_ttl=settings.job_result_ttl, max_attempts=settings.job_max_attempts,
+                                   visibility_timeout=settings.job_visibility_timeout),
+            unavailable_reason=settings.jobs_unavailable_reason,
+        ), self.manager)
+        self.http_api.extra_routes += self.jobs.routes(self.http_api)
         self._stop = asyncio.Event()
 
     def request_shutdown(self) -> None:
@@ -136,9 +157,9 @@ class InferenceServer:
         if s.allow_metrics:
             metrics_host = s.metrics_host or s.host
             try:
-                metrics_server = start_metrics_server(
-                    create_registry(self.manager, self.http_api.responses), metrics_host, s.metrics_port
-                )
+                registry = create_registry(self.manager, self.http_api.responses)
+                registry.register(self.jobs.collector())
+                metrics_server = start_metrics_server(registry, metrics_host, s.metrics_port)
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%d: %s", metrics_host, s.metrics_port, exc)
                 return 1
@@ -189,6 +210,7 @@ class InferenceServer:
                 if metrics_server is not None:
                     metrics_server.shutdown()
                 return 1
+        await self.jobs.start()
         http_task = loop.create_task(_serve_http(http, sockets), name="http")
         loading = loop.create_task(
             asyncio.sleep(0) if loaded_before_listening else self._load_startup_models(), name="load-models"
@@ -225,6 +247,7 @@ class InferenceServer:
                 loading.cancel()
                 with contextlib.suppress(BaseException):
                     await loading
+            await self.jobs.stop(s.exit_timeout_secs)
             await self.manager.shutdown()
             self.shared_memory.unregister()
             if metrics_server is not None:

@@ -142,6 +142,11 @@ class Supervisor:
         settings = dataclasses.replace(
             self.settings, reuse_port=True, metrics_host="127.0.0.1", metrics_port=0, listen_after_load=restart
         )
+        if not settings.jobs_redis_url:
+            settings.jobs_unavailable_reason = (
+                "async jobs with serve --workers > 1 need a shared queue: start the server with --jobs-redis-url "
+                "(an in-process queue would be split between the worker processes)"
+            )
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,

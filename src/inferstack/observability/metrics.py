@@ -134,6 +134,9 @@ class CacheCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_cache_evictions",
                                   "Responses evicted (least recently used first) to make room.",
                                   value=stats.evictions)
+        yield CounterMetricFamily(f"{PREFIX}_cache_errors",
+                                  "Failed calls to the cache's store (Redis down or slow); requests still served.",
+                                  value=stats.errors)
 
 
 class HttpCollector(Collector):

@@ -228,6 +228,13 @@ class ModelVersion:
             return created, warmup
 
         instances, self.warmup_seconds = await asyncio.to_thread(create)
+        if self.cache is not None and getattr(self.cache, "shared", False):
+            # A cache shared by replicas (Redis) needs a key every replica computes
+            # alike: the model's content, not this process's load id.
+            from inferstack.serving.redis_cache import model_fingerprint
+
+            fingerprint = await asyncio.to_thread(model_fingerprint, self.config, self.model_path)
+            self._cache_version = f"{self.version}@{fingerprint}"
         self.scheduler = Scheduler(
             scheduler_config(self.config, self._server_max_queue_size), instances, self.stats
         )

@@ -94,6 +94,8 @@ class HttpApi:
         #: (endpoint, status) -> responses sent; exported as inferstack_http_responses_total.
         #: Counts what never reaches a model too: malformed bodies, unknown models, 413s.
         self.responses: Counter[tuple[str, int]] = Counter()
+        #: Routes other features add (the async jobs endpoints), served after these.
+        self.extra_routes: list[Route] = []
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -340,6 +342,7 @@ class HttpApi:
             Route("/v2/repository/models/{model:path}/load", h(self.repository_load), methods=["POST"]),
             Route("/v2/repository/models/{model:path}/unload", h(self.repository_unload), methods=["POST"]),
             *_shm_routes(self),
+            *self.extra_routes,
         ]
 
 

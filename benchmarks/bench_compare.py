@@ -174,9 +174,14 @@ class Target:
 class Clients:
     """The request callables of one level (and what must be closed afterwards)."""
 
+    #: gRPC channels (HTTP/2 connections) the clients of a level spread over; 1 is what
+    #: `inferstack perf` does. `serve --workers N` balances connections, so it needs more.
+    grpc_channels = 1
+
     def __init__(self) -> None:
         self.conns: list[RawConnection] = []
         self.channels: list = []
+        self._grpc_clients = 0
 
     def http(self, t: Target, model: str, x: np.ndarray, out_elems: int, binary: bool, timeout: float):
         path = f"/v2/models/{model}/infer"
@@ -197,12 +202,14 @@ class Clients:
 
         from inferstack._proto import grpc_service_pb2 as pb
 
-        if not self.channels:  # one channel (HTTP/2 connection) carries every client, as in `inferstack perf`
+        index = self._grpc_clients % self.grpc_channels
+        self._grpc_clients += 1
+        if index >= len(self.channels):  # by default one channel carries every client, as in `inferstack perf`
             self.channels.append(grpc.aio.insecure_channel(
                 f"{t.host}:{t.grpc_port}",
                 options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30),
                          ("grpc.use_local_subchannel_pool", 1)]))
-        infer = self.channels[0].unary_unary(GRPC_INFER)  # bytes in, bytes out
+        infer = self.channels[index].unary_unary(GRPC_INFER)  # bytes in, bytes out
         data = grpc_infer_request(model, "", [("INPUT0", "FP32", list(x.shape), x.astype("<f4").tobytes())],
                                   ["OUTPUT0"])
         want = 4 * out_elems
@@ -539,6 +546,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the servers (default: this one)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for `inferstack serve`")
+    ap.add_argument("--grpc-channels", type=int, default=1,
+                    help="gRPC channels (connections) the clients of a level share; >1 to reach every "
+                         "process of `serve --workers N`")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--max-errors", type=int, default=100, help="abort a level after this many failed requests")
@@ -1052,6 +1062,7 @@ class Run:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    Clients.grpc_channels = max(1, args.grpc_channels)
     tmp = None
     if args.work_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="inferstack-compare-"))

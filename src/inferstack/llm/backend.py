@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from inferstack.repository.config import ModelConfigError, parameter
 
 log = logging.getLogger("inferstack.llm")
 
-DEFAULT_MODEL_DIR = "model"
 #: Version-directory folder that holds the Hugging Face model, unless ``default_model_filename`` names another.
+DEFAULT_MODEL_DIR = "model"
+_IMPORT_LOCK = threading.Lock()
 
 
 def _int(config: mc.ModelConfig, key: str, default: int, minimum: int = 0) -> int:
@@ -135,8 +137,11 @@ class TransformersBackend(Backend):
 def build_engine(config: mc.ModelConfig, model_path: Path, instance: InstanceSpec | None = None) -> Any:
     """Load the tokenizer and weights and start an engine (slow: call off the event loop)."""
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # transformers' lazy module is not safe to import from two threads at once
+        # (models load concurrently): the first import happens under a lock.
+        with _IMPORT_LOCK:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ModelConfigError(
             f"backend 'transformers' needs torch and transformers: pip install 'inferstack[llm]' ({exc})"

@@ -419,6 +419,8 @@ class LLMRoutes:
 
         async def events() -> AsyncIterator[bytes]:
             async for output in stream:
+                if not output.text and output.finish_reason is None:
+                    continue
                 event: dict[str, Any] = {"model_name": model, "model_version": found.version_str,
                                          "text_output": output.text}
                 if output.finish_reason is not None:
@@ -552,6 +554,8 @@ async def _completion_events(streams: list[Any], prompts: list[list[int]], engin
     want_logprobs = streams[0].sequence.params.logprobs is not None
     completion = 0
     async for index, output in _merge(streams):
+        if not output.text and output.finish_reason is None and not want_logprobs:
+            continue  # a token that completes no character yet
         choice: dict[str, Any] = {"index": index, "text": output.text, "logprobs": None,
                                   "finish_reason": output.finish_reason}
         if want_logprobs:
@@ -585,7 +589,8 @@ async def _chat_events(streams: list[Any], prompts: list[list[int]], engine: Any
     async for _, output in _merge(streams):
         logprobs = _chat_logprobs(engine, [output]) if want_logprobs else None
         if output.finish_reason is None:
-            yield chunk({"content": output.text}, None, logprobs)
+            if output.text or want_logprobs:
+                yield chunk({"content": output.text}, None, logprobs)
             continue
         completion = output.completion_tokens
         if output.text:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,18 @@ def write_llm_model(
     backend: str = "transformers",
     version: int = 1,
     extra_config: str = "",
+    source: Path | None = None,
     **model_kwargs: Any,
 ) -> Path:
     """A repository entry for a generation model: ``<root>/<name>/config.pbtxt`` and the
-    Hugging Face folder in ``<root>/<name>/<version>/model``."""
+    Hugging Face folder in ``<root>/<name>/<version>/model`` (a copy of ``source`` if given,
+    else a new :func:`tiny_llama`)."""
     model_dir = Path(root) / name
-    tiny_llama(model_dir / str(version) / "model", **model_kwargs)
+    target = model_dir / str(version) / "model"
+    if source is not None:
+        shutil.copytree(source, target)
+    else:
+        tiny_llama(target, **model_kwargs)
     params = "".join(
         f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }},\n' for key, value in (parameters or {}).items()
     ).rstrip(",\n")
@@ -171,7 +177,6 @@ def tiny_bert_onnx(directory: Path, *, hidden_size: int = 32, layers: int = 2, h
     torch.manual_seed(seed)
     model = BertModel(config).eval()
     export_encoder(model, directory / "model.onnx")
-    (directory / "inferstack_embedding.json").write_text(json.dumps({"hidden_size": hidden_size}))
     return directory
 
 

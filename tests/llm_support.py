@@ -21,8 +21,9 @@ def build_llm_repository(root: Path) -> Path:
         "max_num_seqs": "4", "max_model_len": "256", "max_num_batched_tokens": "64", "default_max_tokens": "8",
     })
     source = root / "tiny" / "1" / "model"
-    llm_models.write_llm_model(root, "tiny_small_queue", source=source, parameters={
-        "max_num_seqs": "1", "max_waiting_requests": "1", "max_model_len": "512",
+    # A long context, so that a request can stay running for the whole queue test.
+    llm_models.write_llm_model(root, "tiny_small_queue", max_position_embeddings=16384, parameters={
+        "max_num_seqs": "1", "max_waiting_requests": "1", "max_model_len": "16384",
     })
     embed_dir = root / "tiny_embed"
     llm_models.tiny_bert_onnx(embed_dir / "1" / "model")

@@ -295,3 +295,51 @@ def test_metrics(llm_server: ServerProcess, client: openai.OpenAI) -> None:
     assert metric(llm_server, "inferstack_llm_num_requests_running", model="tiny") == 0
     assert metric(llm_server, "inferstack_llm_num_requests_waiting", model="tiny") == 0
     assert metric(llm_server, "inferstack_http_responses_total", endpoint="completions", code="200") >= 1
+
+
+def test_grpc_stream_infer_streams_tokens(llm_server: ServerProcess, client: openai.OpenAI) -> None:
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    expected = client.completions.create(model="tiny", prompt="Hello world", max_tokens=9, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    results: queue.Queue = queue.Queue()
+    triton = grpcclient.InferenceServerClient(llm_server.grpc_url)
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        def text_input(text: str) -> list:
+            tensor = grpcclient.InferInput("text_input", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+            return [tensor]
+
+        sampling = json.dumps({"max_tokens": 9, "temperature": 0, "ignore_eos": True})
+        params = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        params.set_data_from_numpy(np.array([sampling.encode()], dtype=np.object_))
+        triton.async_stream_infer("tiny", text_input("Hello world") + [params], request_id="g1")
+        pieces = []
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            assert result.get_response().id == "g1"
+            pieces.append(result.as_numpy("text_output")[0].decode())
+            parameters = result.get_response().parameters
+            if parameters["triton_final_response"].bool_param:
+                assert parameters["finish_reason"].string_param == "length"
+                assert parameters["completion_tokens"].int64_param == 9
+                break
+        assert len(pieces) > 1 and "".join(pieces) == expected
+        # stream=false: one response with the whole text; sampling fields as request parameters
+        stream_flag = grpcclient.InferInput("stream", [1], "BOOL")
+        stream_flag.set_data_from_numpy(np.array([False]))
+        triton.async_stream_infer("tiny", text_input("Hello world") + [stream_flag], request_id="g2",
+                                  parameters={"max_tokens": 9, "temperature": 0.0, "ignore_eos": True})
+        result, error = results.get(timeout=60)
+        assert error is None and result.as_numpy("text_output")[0].decode() == expected
+        # a bad sampling parameter is an error response on the stream, which goes on
+        triton.async_stream_infer("tiny", text_input("x"), request_id="g3", parameters={"top_p": 7.0})
+        result, error = results.get(timeout=60)
+        assert error is not None and "top_p" in str(error)
+    finally:
+        triton.stop_stream()
+        triton.close()

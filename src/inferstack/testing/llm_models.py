@@ -17,6 +17,7 @@ import codecs
 import contextlib
 import io
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ def export_encoder(model: Any, path: Path) -> None:
 
     ids = torch.ones((2, 8), dtype=torch.int64)
     axes = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             Wrapper(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
             input_names=["input_ids", "attention_mask", "token_type_ids"],

@@ -54,7 +54,7 @@ POLICIES = {
 
 
 def build_repository(root: Path, slots: int, model: dict[str, int]) -> None:
-    source = llm_models.tiny_llama(root / "_source", max_position_embeddings=512, **model)
+    source = llm_models.tiny_llama(root.parent / "source_model", max_position_embeddings=512, **model)
     for name, settings in POLICIES.items():
         parameters = {"max_num_seqs": str(slots), "max_model_len": "512", "max_num_batched_tokens": "512",
                       "max_waiting_requests": "100000", **settings}
@@ -197,7 +197,7 @@ def main() -> None:
         embed_name, embed_dir = (None, None) if args.skip_embeddings else embedding_model(root)
         server = ServerProcess(root, log_path=Path(tmp) / "server.log")
         try:
-            vocab = json.loads((root / "_source" / "config.json").read_text())["vocab_size"]
+            vocab = json.loads((root.parent / "source_model" / "config.json").read_text())["vocab_size"]
             items = workload(args.requests, args.rate, args.seed, vocab)
             results["workload"] = {
                 "requests": len(items), "rate_per_s": args.rate,

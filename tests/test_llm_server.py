@@ -343,3 +343,30 @@ def test_grpc_stream_infer_streams_tokens(llm_server: ServerProcess, client: ope
     finally:
         triton.stop_stream()
         triton.close()
+
+
+def test_non_streaming_client_disconnect_aborts(llm_server: ServerProcess) -> None:
+    before = metric(llm_server, "inferstack_llm_requests_finished_total", model="tiny_small_queue", reason="abort")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(llm_server.url + "/v1/completions", timeout=1.0, json={
+            "model": "tiny_small_queue", "prompt": "Hello", "max_tokens": 16000, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        aborted = metric(llm_server, "inferstack_llm_requests_finished_total", model="tiny_small_queue",
+                         reason="abort")
+        if aborted > before and metric(llm_server, "inferstack_llm_kv_slots_used", model="tiny_small_queue") == 0:
+            break
+        time.sleep(0.1)
+    assert aborted == before + 1
+    assert metric(llm_server, "inferstack_llm_kv_slots_used", model="tiny_small_queue") == 0
+
+
+def test_base_server_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, inferstack.server, inferstack.transports.http, inferstack.transports.grpc, "
+            "inferstack.observability.metrics, inferstack.backends; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr

@@ -146,10 +146,10 @@ def build_engine(config: mc.ModelConfig, model_path: Path, instance: InstanceSpe
         raise ModelConfigError(
             f"backend 'transformers' needs torch and transformers: pip install 'inferstack[llm]' ({exc})"
         ) from None
+    from transformers.utils import logging as hf_logging
+
     from inferstack.llm.engine import LLMEngine
     from inferstack.llm.runner import ModelRunner, UnsupportedModelError
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     settings = engine_settings(config, instance)

@@ -26,7 +26,7 @@ import numpy as np
 
 from inferstack._proto import model_config_pb2 as mc
 from inferstack.backends.base import Backend, InstanceSpec, ModelInstance
-from inferstack.core.errors import CancelledError, InvalidArgumentError
+from inferstack.core.errors import CancelledError
 from inferstack.core.types import InferenceRequest
 from inferstack.repository.config import ModelConfigError, parameter
 

@@ -247,22 +247,27 @@ class GenerationInstance(ModelInstance):
         import queue as _queue
 
         boxes: list[_queue.Queue] = []
-        for prompt_ids, params in rows:
-            box: _queue.Queue = _queue.Queue()
-            self.engine.submit(prompt_ids, params, box.put)
-            boxes.append(box)
-        results = []
-        for box in boxes:
-            pieces = []
-            while True:
-                output = box.get()
-                if output.error is not None:
-                    error = output.error
-                    raise error if isinstance(error, InferenceServerError) else InvalidArgumentError(str(error))
-                pieces.append(output.text)
-                if output.finish_reason is not None:
-                    break
-            results.append("".join(pieces).encode("utf-8"))
+        sequences = []
+        try:
+            for prompt_ids, params in rows:
+                box: _queue.Queue = _queue.Queue()
+                sequences.append(self.engine.submit(prompt_ids, params, box.put))
+                boxes.append(box)
+            results = []
+            for box in boxes:
+                pieces = []
+                while True:
+                    output = box.get()
+                    if output.error is not None:
+                        error = output.error
+                        raise error if isinstance(error, InferenceServerError) else InvalidArgumentError(str(error))
+                    pieces.append(output.text)
+                    if output.finish_reason is not None:
+                        break
+                results.append("".join(pieces).encode("utf-8"))
+        finally:  # a failed row (queue full, deadline) stops the rest of the batch too
+            for sequence in sequences:
+                self.engine.abort(sequence)
         return {"text_output": np.array(results, dtype=np.object_).reshape(texts.shape)}
 
     def unload(self) -> None:
@@ -281,10 +286,31 @@ class VllmBackend(Backend):
 
     def load(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> ModelInstance:
         _require_vllm()
-        raise ModelConfigError(
-            "backend 'vllm': vllm is installed, but this build of inferstack serves vLLM models through "
-            "the transformers engine only; use backend: \"transformers\""
+        from inferstack.llm.vllm_engine import build_vllm_engine
+
+        try:
+            engine = build_vllm_engine(config, model_path, instance)
+        except ModelConfigError:
+            raise
+        except Exception as exc:
+            raise ModelConfigError(f"{model_path}: vLLM cannot load the model: {type(exc).__name__}: {exc}") from None
+        return VllmInstance(engine)
+
+
+class VllmInstance(ModelInstance):
+    """A vLLM engine: served through /v1, /generate and gRPC streaming, not /infer."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def execute(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        raise InvalidArgumentError(
+            f"model {self.engine.name!r} runs on vLLM: use POST /v2/models/{self.engine.name}/generate, "
+            "/v1/completions or gRPC ModelStreamInfer"
         )
+
+    def unload(self) -> None:
+        self.engine.shutdown()
 
 
 def _require_vllm() -> None:

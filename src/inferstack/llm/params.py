@@ -57,6 +57,9 @@ class SamplingParams:
             bad("seed", f"must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of integers")
         if len(self.stop) > 16:
             bad("stop", f"may hold at most 16 strings, got {len(self.stop)}")
         if self.logprobs is not None and (

@@ -192,7 +192,7 @@ def sampling_from_json(engine: Any, document: dict[str, Any], prefix: str = "") 
 
     settings = engine.settings
     known = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "logprobs",
-             "stop_token_ids", "timeout", "stream", "max_new_tokens"}
+             "stop_token_ids", "stream", "max_new_tokens"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise InvalidArgumentError(f"{prefix}unknown sampling parameter {unknown[0]!r}; known: {sorted(known)}")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -369,3 +370,26 @@ def test_base_server_does_not_import_torch() -> None:
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_unload_lets_running_generations_finish(tmp_path: Path, start_server) -> None:
+    """Explicit unload of a generation model: a stream already running ends normally, new
+    requests are refused, and a reload serves again."""
+    from inferstack.testing import llm_models
+
+    llm_models.write_llm_model(tmp_path, "gen", parameters={"max_num_seqs": "2", "max_model_len": "512"})
+    server = start_server(tmp_path, "--model-control-mode", "explicit", "--load-model", "gen")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+                "model": "gen", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            unloaded = httpx.post(server.url + "/v2/repository/models/gen/unload", timeout=60)
+            assert unloaded.status_code == 200
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        after = http.post("/v1/completions", json={"model": "gen", "prompt": "x"})
+        assert after.status_code in (404, 503) and after.json()["error"]["message"]
+        assert http.post("/v2/repository/models/gen/load").status_code == 200
+        again = http.post("/v1/completions", json={"model": "gen", "prompt": "x", "max_tokens": 3})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1

@@ -286,3 +286,24 @@ def test_max_tokens_is_capped_by_the_context(engines: Any) -> None:
     ids = engine.encode(PROMPTS[1])[:30]
     [(tokens, _, final)] = run(engine, [ids], [greedy(100)])
     assert len(tokens) == 10 and final.finish_reason == "length"
+
+
+def test_runner_reads_the_cache_in_place_or_gathered_alike(model_dir: Path) -> None:
+    """Rows whose slots span a compact range are attended in place; scattered slots are
+    gathered. Both give the logits of the same rows in neighbouring slots."""
+    from transformers import AutoModelForCausalLM
+
+    from inferstack.llm.runner import ModelRunner, Row
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    runner = ModelRunner(model, slots=8, max_model_len=64, device=torch.device("cpu"), dtype=torch.float32)
+    prompts = [[11, 12, 13, 14, 15], [21, 22, 23]]
+
+    def decode(slots: tuple[int, int]) -> torch.Tensor:
+        runner.forward([Row(slot, 0, p) for slot, p in zip(slots, prompts)])  # prefill
+        return runner.forward([Row(slot, len(p), [40]) for slot, p in zip(slots, prompts)])
+
+    in_place = decode((0, 1))  # span 2 <= 2 * rows
+    gathered = decode((0, 7))  # span 8 > 2 * rows
+    torch.testing.assert_close(in_place, gathered, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(in_place[0], in_place[1])

@@ -108,6 +108,20 @@ class ModelRunner:
         write_slot = slots[:, None].expand(batch, q_len)[valid]
         write_pos = positions[valid]
 
+        # Attention reads the cache in place when the rows' slots lie in a compact span (the
+        # common case: a full or nearly full batch): queries are placed at their slot's index
+        # in a [span] batch, and rows of the span without a query attend to key 0 only.
+        # Otherwise the rows' slots are gathered (a copy of their keys and values).
+        lo, hi = min(r.slot for r in rows), max(r.slot for r in rows)
+        span = hi - lo + 1
+        in_place = span <= 2 * batch
+        if in_place:
+            row_index = slots - lo
+            full_mask = torch.zeros((span, q_len, key_len), dtype=torch.bool)
+            full_mask[:, :, 0] = True
+            full_mask[row_index] = mask
+            mask = full_mask
+            row_index = row_index.to(device)
         ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
         slots, write_slot, write_pos, valid = slots.to(device), write_slot.to(device), write_pos.to(device), valid.to(device)
         attn_mask = mask[:, None, :, :]
@@ -131,11 +145,18 @@ class ModelRunner:
             # [B, H, Q, D] -> the valid tokens as [T, H, D], written at (slot, :, position).
             k_cache[write_slot, :, write_pos] = k.transpose(1, 2)[valid].to(self.dtype)
             v_cache[write_slot, :, write_pos] = v.transpose(1, 2)[valid].to(self.dtype)
-            k_all = k_cache[slots, :, :key_len]
-            v_all = v_cache[slots, :, :key_len]
-            out = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=attn_mask, enable_gqa=self.num_kv_heads != self.num_heads
-            )
+            gqa = self.num_kv_heads != self.num_heads
+            if in_place:
+                q_all = q.new_zeros((span, *q.shape[1:]))
+                q_all[row_index] = q
+                out = F.scaled_dot_product_attention(
+                    q_all, k_cache[lo:hi + 1, :, :key_len], v_cache[lo:hi + 1, :, :key_len],
+                    attn_mask=attn_mask, enable_gqa=gqa,
+                )[row_index]
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k_cache[slots, :, :key_len], v_cache[slots, :, :key_len], attn_mask=attn_mask, enable_gqa=gqa
+                )
             out = out.transpose(1, 2).reshape(batch, q_len, -1)
             hidden = residual + attn.o_proj(out)
             residual = hidden

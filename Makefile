@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 0.0.0.0
 
-.PHONY: serve test install install-test bench examples proto
+.PHONY: serve test install install-test install-prometheus bench examples proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,19 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(MAKE) --no-print-directory install-prometheus
+
+# The deploy tests run a real Prometheus and promtool (Debian's package). Needs root or passwordless sudo and apt;
+# elsewhere it only warns, and those tests skip naming the missing binary.
+install-prometheus:
+	@SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	if command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null 2>&1 && \
+		  $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } || \
+		echo "warning: could not install Debian's prometheus package; the Prometheus deploy tests will skip"; \
+	else echo "warning: no apt-get; install prometheus and promtool for the Prometheus deploy tests"; fi
 
 serve: install
 	$(BIN)/inferstack serve --model-repository examples/model_repository --host $(HOST) \

@@ -132,7 +132,7 @@ def test_cache_config_syntax() -> None:
     for spec, message in [
         ("local", "expected <cache>,<key>=<value>"),
         ("local,size", "expected <cache>,<key>=<value>"),
-        ("redis,host=x", "unknown cache 'redis'"),
+        ("memcached,host=x", "unknown cache 'memcached'"),
         ("local,size=1k", "not a whole number of bytes"),
         ("local,size=0", "must be positive"),
         ("local,capacity=5", "unknown setting"),

@@ -54,6 +54,17 @@ def _check_cache_config(value: Optional[list[str]]) -> Optional[list[str]]:
     return value
 
 
+def _check_redis_url(value: Optional[str]) -> Optional[str]:
+    if value:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise typer.BadParameter(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise typer.BadParameter("needs redis-py: pip install 'inferstack[redis]'") from None
+    return value
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -105,8 +116,27 @@ def serve(
     cache_config: Annotated[
         Optional[list[str]],
         typer.Option("--cache-config", callback=_check_cache_config, metavar="local,size=BYTES",
-                     help="Response cache for models with response_cache { enable: true }: local,size=BYTES (Triton's syntax)."),
+                     help="Response cache for models with response_cache { enable: true }: local,size=BYTES (Triton's syntax), or redis,url=redis://HOST:PORT,ttl=SECONDS shared by replicas."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(help="Server processes sharing the ports (SO_REUSEPORT), each with its own copy of the models; "
+                          "the metrics port merges them. Not with explicit model control or client shared memory.",
+                     min=1),
+    ] = 1,
+    jobs_redis_url: Annotated[
+        Optional[str], typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", callback=_check_redis_url, help="Async jobs: Redis URL of the shared job queue (default: an in-process queue).")
+    ] = None,
+    jobs_queue: Annotated[str, typer.Option(help="Async jobs: key prefix of the Redis queue (servers and workers must agree).")] = "inferstack:jobs",
+    job_workers: Annotated[
+        Optional[int], typer.Option(help="Async jobs: jobs this server runs at once (default 4 in-process, 0 with Redis: separate workers run them).", min=0)
+    ] = None,
+    webhook_secret: Annotated[
+        Optional[str], typer.Option(envvar="INFERSTACK_WEBHOOK_SECRET", help="Async jobs: HMAC-SHA256 key signing callback_url webhooks (needed to accept callback_url).")
+    ] = None,
+    job_result_ttl: Annotated[float, typer.Option(help="Async jobs: seconds a finished job's result is kept.", min=1)] = 3600.0,
+    job_max_attempts: Annotated[int, typer.Option(help="Async jobs: executions before a job is failed and dead-lettered.", min=1)] = 3,
+    job_visibility_timeout: Annotated[float, typer.Option(help="Async jobs: seconds without a worker heartbeat before a job is run elsewhere.", min=0.1)] = 60.0,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
 ) -> None:
@@ -135,7 +165,21 @@ def serve(
         http_max_concurrency=http_max_concurrency,
         exit_timeout_secs=exit_timeout_secs,
         cache_config=list(cache_config or []),
+        jobs_redis_url=jobs_redis_url,
+        jobs_queue_prefix=jobs_queue,
+        job_workers=job_workers,
+        webhook_secret=webhook_secret,
+        job_result_ttl=job_result_ttl,
+        job_max_attempts=job_max_attempts,
+        job_visibility_timeout=job_visibility_timeout,
     )
+    if workers > 1:
+        from inferstack.workers import check_worker_settings, run_workers
+
+        problem = check_worker_settings(settings, workers)
+        if problem:
+            raise typer.BadParameter(problem, param_hint="--workers")
+        raise typer.Exit(run_workers(settings, workers, log_level=log_level.value, log_format=log_format.value))
     raise typer.Exit(run_server(settings))
 
 
@@ -224,3 +268,68 @@ def analyze(
         quick=quick, server_timeout=server_timeout,
     )
     raise typer.Exit(run(settings))
+
+
+@app.command()
+def gateway(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Gateway YAML file (docs/gateway.md); runtime changes go to its state file.", exists=True, dir_okay=False)] = None,
+    replica: Annotated[Optional[list[str]], typer.Option("--replica", help="Replica http://HOST:PORT[,grpc=HOST:PORT][,metrics=URL]; repeatable (added to the config's).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 0.0.0.0).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port (default 9000).", min=0, max=65535)] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default 9001).", min=0, max=65535)] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics port (default 9002).", min=0, max=65535)] = None,
+    state_file: Annotated[Optional[Path], typer.Option(help="Where admin API changes are persisted (default: CONFIG.state.json).")] = None,
+    health_interval: Annotated[Optional[float], typer.Option(help="Seconds between replica health/index polls (default 1).", min=0.05)] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (with its request id).")] = False,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
+    log_format: Annotated[LogFormat, typer.Option(help="text or json.")] = LogFormat.text,
+) -> None:
+    """Route KServe v2 traffic (HTTP and gRPC) over replicas: model- and load-aware, canary/A-B/shadow, auth, rate limits."""
+    from inferstack.gateway.cli import run
+
+    raise typer.Exit(run(config=config, replicas=list(replica or []), host=host, http_port=http_port,
+                         grpc_port=grpc_port, metrics_port=metrics_port, state_file=state_file,
+                         health_interval=health_interval, access_log=access_log,
+                         log_level=log_level.value, log_format=log_format.value))
+
+
+@app.command(no_args_is_help=True)
+def worker(
+    redis_url: Annotated[str, typer.Option(envvar="INFERSTACK_JOBS_REDIS_URL", callback=_check_redis_url, help="Redis URL of the job queue.")],
+    model_repository: Annotated[
+        Optional[Path],
+        typer.Option("--model-repository", help="Run jobs in this process, on the models of this repository.",
+                     exists=True, file_okay=False, dir_okay=True, resolve_path=True),
+    ] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help="Forward jobs to this KServe v2 server (http://host:port) instead.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Jobs run at once.", min=1)] = 1,
+    jobs_queue: Annotated[str, typer.Option(help="Key prefix of the Redis queue (as given to serve).")] = "inferstack:jobs",
+    webhook_secret: Annotated[
+        Optional[str], typer.Option(envvar="INFERSTACK_WEBHOOK_SECRET", help="HMAC-SHA256 key signing callback_url webhooks.")
+    ] = None,
+    job_result_ttl: Annotated[float, typer.Option(help="Seconds a finished job's result is kept.", min=1)] = 3600.0,
+    job_max_attempts: Annotated[int, typer.Option(help="Executions before a job is failed and dead-lettered.", min=1)] = 3,
+    job_visibility_timeout: Annotated[float, typer.Option(help="Seconds without a heartbeat before a claimed job is taken over.", min=0.1)] = 60.0,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus /metrics on this port.", min=0, max=65535)] = None,
+    host: Annotated[str, typer.Option(help="Address of the metrics server.")] = "0.0.0.0",
+    drain_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds to finish running jobs (the rest run again elsewhere).", min=0)] = 30.0,
+    name: Annotated[Optional[str], typer.Option(help="Consumer name in the Redis group (default host-pid).")] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
+    log_format: Annotated[LogFormat, typer.Option(help="text for people, json (one object per line) for machines.")] = LogFormat.text,
+) -> None:
+    """Run async inference jobs from the Redis queue: in-process models (--model-repository) or a server (--server)."""
+    if (model_repository is None) == (server is None):
+        raise typer.BadParameter("give exactly one of --model-repository and --server")
+    from inferstack.jobs.queue import QueueSettings
+    from inferstack.jobs.worker import WorkerSettings, run_worker
+    from inferstack.observability.logs import setup_logging
+
+    setup_logging(log_level.value, log_format.value)
+    settings = WorkerSettings(
+        redis_url=redis_url, model_repository=model_repository, server_url=server, concurrency=concurrency,
+        queue_prefix=jobs_queue, webhook_secret=webhook_secret, metrics_port=metrics_port, host=host,
+        drain_timeout=drain_timeout, name=name,
+        queue=QueueSettings(result_ttl=job_result_ttl, max_attempts=job_max_attempts,
+                            visibility_timeout=job_visibility_timeout),
+    )
+    raise typer.Exit(run_worker(settings))

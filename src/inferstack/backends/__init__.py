@@ -20,6 +20,12 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend()
 
 
+def _python() -> Backend:
+    from inferstack.backends.python import PythonBackend
+
+    return PythonBackend()
+
+
 def _transformers() -> Backend:
     from inferstack.llm.backend import TransformersBackend
 
@@ -41,6 +47,7 @@ def _embedding() -> Backend:
 # name -> factory; imported lazily so an optional backend's heavy dependency
 # is only needed by models that use it.
 BACKENDS = {"onnxruntime": _onnxruntime}
+BACKENDS["python"] = _python
 # Generation (torch/transformers, vLLM) and embedding models: see docs/llm.md.
 BACKENDS.update(transformers=_transformers, vllm=_vllm, embedding=_embedding)
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}

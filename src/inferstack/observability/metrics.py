@@ -135,6 +135,9 @@ class CacheCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_cache_evictions",
                                   "Responses evicted (least recently used first) to make room.",
                                   value=stats.evictions)
+        yield CounterMetricFamily(f"{PREFIX}_cache_errors",
+                                  "Failed calls to the cache's store (Redis down or slow); requests still served.",
+                                  value=stats.errors)
 
 
 class HttpCollector(Collector):
@@ -175,5 +178,5 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> A
     Returns the server; call ``shutdown()`` on it to stop.
     """
     server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server

@@ -61,6 +61,8 @@ class CacheStats:
     hits: int
     misses: int
     evictions: int
+    #: Failed calls to the cache's store (Redis down or slow); always 0 for the local LRU.
+    errors: int = 0
 
 
 class ResponseCache(Protocol):
@@ -188,8 +190,12 @@ def create_cache(specs: Sequence[str]) -> ResponseCache | None:
             raise CacheConfigError(f"--cache-config names two caches, {name!r} and {cache!r}; use one")
         name = cache
         settings[key.strip()] = value.strip()
+    if name == "redis":
+        from inferstack.serving.redis_cache import create_redis_cache
+
+        return create_redis_cache(settings)
     if name != "local":
-        raise CacheConfigError(f"--cache-config: unknown cache {name!r}; the only one is 'local'")
+        raise CacheConfigError(f"--cache-config: unknown cache {name!r}; expected 'local' or 'redis'")
     unknown = sorted(set(settings) - {"size"})
     if unknown:
         raise CacheConfigError(f"--cache-config local: unknown setting(s) {', '.join(unknown)}; the only one is size")

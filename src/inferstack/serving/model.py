@@ -230,6 +230,13 @@ class ModelVersion:
             return created, warmup
 
         instances, self.warmup_seconds = await asyncio.to_thread(create)
+        if self.cache is not None and getattr(self.cache, "shared", False):
+            # A cache shared by replicas (Redis) needs a key every replica computes
+            # alike: the model's content, not this process's load id.
+            from inferstack.serving.redis_cache import model_fingerprint
+
+            fingerprint = await asyncio.to_thread(model_fingerprint, self.config, self.model_path)
+            self._cache_version = f"{self.version}@{fingerprint}"
         self.engines = [i.engine for i in instances if getattr(i, "engine", None) is not None]
         self.scheduler = Scheduler(
             scheduler_config(self.config, self._server_max_queue_size), instances, self.stats
@@ -415,6 +422,7 @@ class ModelVersion:
                 batch_size=batch_size,
                 priority=request.priority,
                 timeout_us=request.timeout_us,
+                request=request,
             )
         except InferenceServerError as exc:
             self.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))

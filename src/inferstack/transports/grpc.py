@@ -295,12 +295,19 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._unsupported(context, "log settings")
 
 
-def create_grpc_server(service: GrpcService, host: str, port: int, *, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server bound to ``host:port``; returns it and the bound port."""
+def create_grpc_server(
+    service: GrpcService, host: str, port: int, *, max_message_bytes: int, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server bound to ``host:port``; returns it and the bound port.
+
+    SO_REUSEPORT is off unless asked for (``serve --workers``): gRPC turns it on by
+    default, which would let a second server start on a taken port and steal half
+    of its connections instead of failing.
+    """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)

@@ -96,6 +96,8 @@ class HttpApi:
         #: (endpoint, status) -> responses sent; exported as inferstack_http_responses_total.
         #: Counts what never reaches a model too: malformed bodies, unknown models, 413s.
         self.responses: Counter[tuple[str, int]] = Counter()
+        #: Routes other features add (the async jobs endpoints), served after these.
+        self.extra_routes: list[Route] = []
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -342,6 +344,7 @@ class HttpApi:
             Route("/v2/repository/models/{model:path}/load", h(self.repository_load), methods=["POST"]),
             Route("/v2/repository/models/{model:path}/unload", h(self.repository_unload), methods=["POST"]),
             *_shm_routes(self),
+            *self.extra_routes,
             # OpenAI-compatible /v1 routes and the KServe generate extension (docs/llm.md).
             *llm_routes(self),
         ]

@@ -26,10 +26,30 @@ def _python() -> Backend:
     return PythonBackend()
 
 
+def _transformers() -> Backend:
+    from inferstack.llm.backend import TransformersBackend
+
+    return TransformersBackend()
+
+
+def _vllm() -> Backend:
+    from inferstack.llm.backend import VllmBackend
+
+    return VllmBackend()
+
+
+def _embedding() -> Backend:
+    from inferstack.llm.embeddings import EmbeddingBackend
+
+    return EmbeddingBackend()
+
+
 # name -> factory; imported lazily so an optional backend's heavy dependency
 # is only needed by models that use it.
 BACKENDS = {"onnxruntime": _onnxruntime}
 BACKENDS["python"] = _python
+# Generation (torch/transformers, vLLM) and embedding models: see docs/llm.md.
+BACKENDS.update(transformers=_transformers, vllm=_vllm, embedding=_embedding)
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
 
 _instances: dict[str, Backend] = {}

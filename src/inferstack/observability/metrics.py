@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from inferstack.core.stats import Histogram
+from inferstack.llm.metrics import LLMCollector
 from inferstack.serving import ModelManager, ModelState
 
 log = logging.getLogger("inferstack.metrics")
@@ -162,6 +163,7 @@ def create_registry(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ModelCollector(manager))
     registry.register(CacheCollector(manager))
+    registry.register(LLMCollector(manager))  # generation engines (docs/llm.md); nothing without one
     if http_responses is not None:
         registry.register(HttpCollector(http_responses))
     registry.register(ProcessCollector(registry=None))

@@ -169,6 +169,8 @@ class ModelVersion:
         self._all_outputs = [o.name for o in self.outputs]
         self._server_max_queue_size = server_max_queue_size
         self.scheduler: Scheduler | None = None
+        #: Generation engines of the instances (``instance.engine``), for the /v1 and generate routes.
+        self.engines: list[Any] = []
         #: The server's response cache, if this model enables it (``response_cache { enable: true }``).
         self.cache: ResponseCache | None = None
         if config.response_cache.enable:
@@ -235,6 +237,7 @@ class ModelVersion:
 
             fingerprint = await asyncio.to_thread(model_fingerprint, self.config, self.model_path)
             self._cache_version = f"{self.version}@{fingerprint}"
+        self.engines = [i.engine for i in instances if getattr(i, "engine", None) is not None]
         self.scheduler = Scheduler(
             scheduler_config(self.config, self._server_max_queue_size), instances, self.stats
         )

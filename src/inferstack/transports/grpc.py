@@ -27,6 +27,7 @@ from inferstack.core.errors import (
     NotFoundError,
     UnsupportedError,
 )
+from inferstack.llm.grpc_stream import generation_version, stream_generation
 from inferstack.protocol.grpc_codec import (
     decode_infer_request,
     encode_infer_response,
@@ -154,6 +155,10 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: pb.ModelInferRequest) -> None:
             try:
+                generation = generation_version(self.manager, request)
+                if generation is not None:  # tokens stream as they come (docs/llm.md)
+                    await stream_generation(generation, request, answers.put)
+                    return
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except Exception as error:  # every request gets an answer, even on a bug
                 if isinstance(error, InferenceServerError):

@@ -36,6 +36,7 @@ from inferstack.core.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from inferstack.llm.http_api import routes as llm_routes
 from inferstack.observability.logs import request_id_var
 from inferstack.protocol import rest
 from inferstack.protocol.shared_memory import SystemSharedMemory
@@ -52,6 +53,7 @@ EXTENSIONS = [
     "parameters",
     "schedule_policy",
     "system_shared_memory",
+    "generate",
 ]
 
 _JSON = "application/json"
@@ -343,6 +345,8 @@ class HttpApi:
             Route("/v2/repository/models/{model:path}/unload", h(self.repository_unload), methods=["POST"]),
             *_shm_routes(self),
             *self.extra_routes,
+            # OpenAI-compatible /v1 routes and the KServe generate extension (docs/llm.md).
+            *llm_routes(self),
         ]
 
 

@@ -20,10 +20,19 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend()
 
 
+def _pytorch() -> Backend:
+    # The module imports torch only when a model loads (inferstack[pytorch]).
+    from inferstack.backends.pytorch import PyTorchBackend
+
+    return PyTorchBackend()
+
+
 # name -> factory; imported lazily so an optional backend's heavy dependency
 # is only needed by models that use it.
 BACKENDS = {"onnxruntime": _onnxruntime}
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
+BACKENDS["pytorch"] = _pytorch
+PLATFORMS["pytorch_libtorch"] = "pytorch"
 
 _instances: dict[str, Backend] = {}
 

@@ -54,8 +54,9 @@ def ensemble_steps(config: mc.ModelConfig) -> list[EnsembleStep]:
             index=index,
             model_name=step.model_name,
             model_version=step.model_version,
-            input_map=dict(step.input_map),
-            output_map=dict(step.output_map),
+            # Sorted: protobuf maps have no order, and errors must name the same tensor every time.
+            input_map=dict(sorted(step.input_map.items())),
+            output_map=dict(sorted(step.output_map.items())),
         )
         for index, step in enumerate(config.ensemble_scheduling.step)
     ]

@@ -68,6 +68,27 @@ ensemble_scheduling { step [
   { model_name: "add1" input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
 """
 
+# An ensemble as a step: chain (+11) then add100.
+NESTED = """
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [
+  { model_name: "chain" input_map { key: "IN" value: "IN" } output_map { key: "OUT" value: "T" } },
+  { model_name: "add100" input_map { key: "INPUT0" value: "T" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
+"""
+
+# Two ensembles that are each other's step.
+CYCLIC = """
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [
+  { model_name: "%s" input_map { key: "IN" value: "IN" } output_map { key: "OUT" value: "OUT" } } ] }
+"""
+
 BAD = {
     "bad_unknown": ("""
 platform: "ensemble"
@@ -134,7 +155,8 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "OUTPUT1"
 """)
     w(root, "add_sub", onnx_models.add_sub(16), "max_batch_size: 8")
     w(root, "ident_int32", onnx_models.identity("INT32"), "max_batch_size: 8")
-    for name, config in {"chain": CHAIN, "diamond": DIAMOND, "loose": LOOSE,
+    for name, config in {"chain": CHAIN, "diamond": DIAMOND, "loose": LOOSE, "nested": NESTED,
+                         "cyc_a": CYCLIC % "cyc_b", "cyc_b": CYCLIC % "cyc_a",
                          **{name: text for name, (text, _) in BAD.items()}}.items():
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(config)
@@ -190,6 +212,20 @@ def test_diamond_runs_both_branches(server: ServerProcess) -> None:
         only = client.infer("diamond", [inp], outputs=[httpclient.InferRequestedOutput("DIFF")])
         assert only.as_numpy("SUM") is None
         np.testing.assert_allclose(only.as_numpy("DIFF"), np.full_like(x, -90))
+
+
+def test_nested_ensemble(server: ServerProcess) -> None:
+    x = _x(2)
+    with httpclient.InferenceServerClient(server.url.removeprefix("http://")) as client:
+        inp = httpclient.InferInput("IN", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("nested", [inp]).as_numpy("OUT"), x + 111)
+
+
+def test_ensembles_depending_on_each_other_are_refused(server: ServerProcess) -> None:
+    rows = {row["name"]: row for row in httpx.post(server.url + "/v2/repository/index", json={}, timeout=30).json()}
+    assert rows["cyc_a"]["state"] == "UNAVAILABLE" and rows["cyc_b"]["state"] == "UNAVAILABLE"
+    assert "ensemble 'cyc_a' depends on itself: cyc_a -> cyc_b -> cyc_a" in rows["cyc_a"]["reason"]
 
 
 def test_validation_errors_are_unavailable_with_reasons(server: ServerProcess) -> None:

@@ -55,7 +55,9 @@ input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 64 ] } ]
 output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 10 ] } ]
 dynamic_batching { }
 """
+    no_opt = '\nparameters { key: "DISABLE_OPTIMIZED_EXECUTION" value: { string_value: "true" } }'
     for name, platform, filename in (("mlp_ts", 'platform: "pytorch_libtorch"', "model.pt"),
+                                     ("mlp_ts_noopt", 'platform: "pytorch_libtorch"' + no_opt, "model.pt"),
                                      ("mlp_export", 'backend: "pytorch"', "model.pt2")):
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(platform + config)
@@ -94,6 +96,7 @@ def calls(kind: str, url: str):
     model, name, x = {
         "add1": ("add1", "INPUT0", x4), "chain": ("chain", "IN", x4), "diamond": ("diamond", "IN", x4),
         "mlp onnx": ("mlp_onnx", "INPUT0", x64), "mlp torchscript": ("mlp_ts", "INPUT__0", x64),
+        "mlp torchscript noopt": ("mlp_ts_noopt", "INPUT__0", x64),
         "mlp torch.export": ("mlp_export", "INPUT__0", x64),
     }[kind]
 
@@ -153,13 +156,13 @@ def main() -> None:
             url = server.url.removeprefix("http://")
             rows = [measure(kind, url, args.requests, args.concurrency)
                     for kind in ("add1", "chain", "client chain", "diamond",
-                                 "mlp onnx", "mlp torchscript", "mlp torch.export")]
+                                 "mlp onnx", "mlp torchscript", "mlp torchscript noopt", "mlp torch.export")]
         finally:
             server.stop()
     floor = rows[0]["p50_ms"]
-    print(f"{'pipeline':<18}{'p50 ms':>9}{'p99 ms':>9}{'x add1 p50':>12}{'req/s @' + str(args.concurrency):>12}")
+    print(f"{'pipeline':<22}{'p50 ms':>9}{'p99 ms':>9}{'x add1 p50':>12}{'req/s @' + str(args.concurrency):>12}")
     for row in rows:
-        print(f"{row['kind']:<18}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['p50_ms'] / floor:>12.2f}"
+        print(f"{row['kind']:<22}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['p50_ms'] / floor:>12.2f}"
               f"{row['throughput_rps']:>12.0f}")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

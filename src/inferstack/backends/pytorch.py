@@ -192,7 +192,11 @@ class PyTorchBackend(Backend):
             1, _usable_cores() // max(1, instance.total_instances)
         )
         _set_interop_threads(torch, _int_parameter(config, "INTER_OP_THREAD_COUNT"))
-        return PyTorchInstance(torch, module, config, model_path, device, threads)
+        created = PyTorchInstance(torch, module, config, model_path, device, threads)
+        # Triton's switch for TorchScript's profiling executor, which re-specialises the graph
+        # for each new input shape (every new batch size, under dynamic batching).
+        created.optimized = not _bool_parameter(config, "DISABLE_OPTIMIZED_EXECUTION")
+        return created
 
 
 def _complete_from_program(config: mc.ModelConfig, model_path: Path) -> None:
@@ -282,6 +286,15 @@ def _int_parameter(config: mc.ModelConfig, key: str) -> int:
     return number
 
 
+def _bool_parameter(config: mc.ModelConfig, key: str) -> bool:
+    value = (parameter(config, key) or "").strip().lower()
+    if value in ("", "false", "0", "no", "off"):
+        return False
+    if value in ("true", "1", "yes", "on"):
+        return True
+    raise ModelConfigError(f"parameter {key!r} must be true or false, got {value!r}")
+
+
 _interop_lock = threading.Lock()
 
 
@@ -304,6 +317,9 @@ class PyTorchInstance(ModelInstance):
         self._device = device
         self._threads = threads
         self._threads_set = False
+        self._script = not _is_export(model_path)
+        #: TorchScript's optimized (profiling) execution; see DISABLE_OPTIMIZED_EXECUTION.
+        self.optimized = True
         self._input_positions = dict(zip((t.name for t in config.input), _input_positions(config, module,
                                                                                             model_path)))
         self._arity = len(self._input_positions)
@@ -336,7 +352,11 @@ class PyTorchInstance(ModelInstance):
             log.debug("inputs %s not given; passing None", missing)
         try:
             with torch.inference_mode():
-                result = self._module(*args)
+                if self._script:
+                    with torch.jit.optimized_execution(self.optimized):
+                        result = self._module(*args)
+                else:
+                    result = self._module(*args)
         except Exception as exc:  # noqa: BLE001 - the model's own error, reported as 500
             raise InternalError(f"PyTorch model failed: {type(exc).__name__}: {_first_line(exc)}") from None
         return self._outputs(result, outputs)

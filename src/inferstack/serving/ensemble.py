@@ -289,11 +289,16 @@ class EnsembleVersion(ModelVersion):
         running: dict[asyncio.Task[dict[str, np.ndarray]], EnsembleStep] = {}
         try:
             while pending or running:
-                for step in list(pending):
-                    if all(tensor in tensors for tensor in step.input_map.values()):
-                        pending.remove(step)
-                        task = asyncio.ensure_future(self._run_step(step, request, tensors))
-                        running[task] = step
+                ready = [step for step in pending if all(tensor in tensors for tensor in step.input_map.values())]
+                if len(ready) == 1 and not running:
+                    # The only thing to do (a chain): await it in this task, no task or wait() overhead.
+                    pending.remove(ready[0])
+                    tensors.update(await self._run_step(ready[0], request, tensors))
+                    continue
+                for step in ready:
+                    pending.remove(step)
+                    task = asyncio.ensure_future(self._run_step(step, request, tensors))
+                    running[task] = step
                 if not running:  # cannot happen for a validated graph
                     raise InternalError(f"ensemble {self.name!r}: steps {[s.label for s in pending]} cannot start")
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

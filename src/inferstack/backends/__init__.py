@@ -27,9 +27,16 @@ def _pytorch() -> Backend:
     return PyTorchBackend()
 
 
+def _python() -> Backend:
+    from inferstack.backends.python import PythonBackend
+
+    return PythonBackend()
+
+
 # name -> factory; imported lazily so an optional backend's heavy dependency
 # is only needed by models that use it.
 BACKENDS = {"onnxruntime": _onnxruntime}
+BACKENDS["python"] = _python
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
 BACKENDS["pytorch"] = _pytorch
 PLATFORMS["pytorch_libtorch"] = "pytorch"

@@ -82,7 +82,7 @@ class _Entry:
 
     __slots__ = (
         "inputs", "outputs", "batch_size", "batch_key", "future",
-        "enqueued_ns", "state", "timer", "delayed", "level",
+        "enqueued_ns", "state", "timer", "delayed", "level", "request",
     )
 
     def __init__(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], batch_size: int,
@@ -100,6 +100,8 @@ class _Entry:
         self.timer: asyncio.TimerHandle | None = None
         self.delayed = False
         self.level = level
+        #: The originating request (id, parameters) for backends that execute per request.
+        self.request: object = None
 
 
 class _Level:
@@ -180,6 +182,7 @@ class Scheduler:
         batch_size: int,
         priority: int = 0,
         timeout_us: int | None = None,
+        request: object = None,
     ) -> asyncio.Future:
         """Queue a request; the future resolves to its output arrays.
 
@@ -199,6 +202,7 @@ class Scheduler:
             )
         future = self._loop.create_future()
         entry = _Entry(inputs, outputs, batch_size, future, level_index)
+        entry.request = request
         policy = level.policy
         timeout = policy.default_timeout_us
         if timeout_us is not None:
@@ -443,7 +447,10 @@ class Scheduler:
         for entry, result in zip(entries, results):
             entry.state = _DONE
             if not entry.future.done():
-                entry.future.set_result(result)
+                if isinstance(result, BaseException):  # a per-request error (execute_requests)
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
 
     def _unload_instances(self) -> None:
         for worker in self._workers:
@@ -476,6 +483,15 @@ def _execute(
 ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
     """Runs on the instance's thread: gather inputs, execute, scatter outputs."""
     t0 = time.perf_counter_ns()
+    if getattr(instance, "per_request", False):
+        # Backends that want the batch as separate requests (Triton-style Python
+        # models) get one call with every request's own inputs; each result is
+        # that request's outputs or its own error.
+        per_request = instance.execute_requests(  # type: ignore[attr-defined]
+            [(entry.inputs, list(entry.outputs), entry.request) for entry in entries]
+        )
+        t1 = time.perf_counter_ns()
+        return per_request, 0, t1 - t0, 0
     if len(entries) == 1:
         inputs = entries[0].inputs
     else:

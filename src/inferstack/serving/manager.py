@@ -145,6 +145,9 @@ class ModelManager:
                 backend = None
             else:
                 backend = backend_for(config.backend, config.platform)
+                bind = getattr(backend, "bind_server", None)
+                if bind is not None:  # backends whose models call other models (Python BLS)
+                    bind(self, asyncio.get_running_loop())
             versions = select_versions(config, self.repository.versions(name))
             if not versions:
                 raise ModelConfigError(f"model {name!r}: no version directory matches the version policy")

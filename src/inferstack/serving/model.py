@@ -412,6 +412,7 @@ class ModelVersion:
                 batch_size=batch_size,
                 priority=request.priority,
                 timeout_us=request.timeout_us,
+                request=request,
             )
         except InferenceServerError as exc:
             self.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))

@@ -51,7 +51,9 @@ class TritonPythonModel:
             try:
                 images = np.stack([self._decode(bytes(row)) for row in rows]).astype(np.float32)
             except (UnidentifiedImageError, ValueError, OSError, Image.DecompressionBombError) as exc:
-                error = pb_utils.TritonError(f"IMAGE_BYTES is not a decodable PNG/JPEG image: {exc}")
+                # INVALID_ARG: the client sent a bad file (HTTP 400), not a server failure.
+                error = pb_utils.TritonError(f"IMAGE_BYTES is not a decodable PNG/JPEG image: {exc}",
+                                             pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", images)]))

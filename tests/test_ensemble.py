@@ -5,6 +5,7 @@ failing step named in the error, statistics per step, and explicit-mode dependen
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,6 +78,18 @@ output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
 ensemble_scheduling { step [
   { model_name: "chain" input_map { key: "IN" value: "IN" } output_map { key: "OUT" value: "T" } },
   { model_name: "add100" input_map { key: "INPUT0" value: "T" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
+"""
+
+# add1 then a step whose model batches with a queue delay.
+BATCHED = """
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [
+  { model_name: "add1" input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "T" } },
+  { model_name: "add1000_batched" input_map { key: "INPUT0" value: "T" } output_map { key: "OUTPUT0" value: "OUT" } }
+] }
 """
 
 # Two ensembles that are each other's step.
@@ -154,8 +167,11 @@ input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "INPUT1" da
 output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """)
     w(root, "add_sub", onnx_models.add_sub(16), "max_batch_size: 8")
+    # Waits up to 100 ms to fill a batch: concurrent ensemble requests must meet in it.
+    w(root, "add1000_batched", onnx_models.add_constant(1000.0), ADD_CONFIG.replace(
+        "dynamic_batching { }", "dynamic_batching { max_queue_delay_microseconds: 100000 }"))
     w(root, "ident_int32", onnx_models.identity("INT32"), "max_batch_size: 8")
-    for name, config in {"chain": CHAIN, "diamond": DIAMOND, "loose": LOOSE, "nested": NESTED,
+    for name, config in {"chain": CHAIN, "diamond": DIAMOND, "loose": LOOSE, "nested": NESTED, "batched": BATCHED,
                          "cyc_a": CYCLIC % "cyc_b", "cyc_b": CYCLIC % "cyc_a",
                          **{name: text for name, (text, _) in BAD.items()}}.items():
         (root / name / "1").mkdir(parents=True)
@@ -212,6 +228,25 @@ def test_diamond_runs_both_branches(server: ServerProcess) -> None:
         only = client.infer("diamond", [inp], outputs=[httpclient.InferRequestedOutput("DIFF")])
         assert only.as_numpy("SUM") is None
         np.testing.assert_allclose(only.as_numpy("DIFF"), np.full_like(x, -90))
+
+
+def test_steps_batch_across_concurrent_ensemble_requests(server: ServerProcess) -> None:
+    rows = [np.full((1, 4), i, dtype=np.float32) for i in range(8)]
+
+    def one(x: np.ndarray) -> np.ndarray:
+        with httpclient.InferenceServerClient(server.url.removeprefix("http://")) as client:
+            inp = httpclient.InferInput("IN", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer("batched", [inp]).as_numpy("OUT")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, rows))
+    for x, y in zip(rows, results):
+        np.testing.assert_allclose(y, x + 1001)
+    stats = _stats(server, "add1000_batched")
+    assert stats["inference_count"] == 8
+    assert stats["execution_count"] < 8, "the step's dynamic batcher must have merged some ensemble requests"
+    assert _stats(server, "batched")["inference_stats"]["success"]["count"] == 8
 
 
 def test_nested_ensemble(server: ServerProcess) -> None:

@@ -5,6 +5,7 @@ from an exported program; clear load errors; an ensemble mixing ONNX and PyTorch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,3 +246,85 @@ def test_ensemble_of_onnx_and_torch(server: ServerProcess) -> None:
         np.testing.assert_allclose(result.as_numpy("Y"), _affine_reference(x + 1), rtol=1e-5, atol=1e-5)
     finally:
         client.close()
+
+
+# -- the backend in process: mapping rules and config errors --------------------------------
+
+
+class DictOut(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"doubled": x * 2, "negated": -x}
+
+
+def _backend_config(text: str):
+    from inferstack.repository.config import parse_config_text
+
+    return parse_config_text(text, "test")
+
+
+def _instance(tmp_path: Path, module: torch.nn.Module, config_text: str):
+    from inferstack.backends.base import InstanceSpec
+    from inferstack.backends.pytorch import PyTorchBackend
+
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    config = _backend_config(config_text)
+    backend = PyTorchBackend()
+    backend.complete_config(config, path, strict=False)
+    return backend.load(config, path, InstanceSpec("i0", "KIND_CPU"))
+
+
+def test_dict_outputs_by_name(tmp_path: Path) -> None:
+    instance = _instance(tmp_path, DictOut(), """
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "negated" data_type: TYPE_FP32 dims: [ 2 ] }, { name: "doubled" data_type: TYPE_FP32 dims: [ 2 ] } ]
+""")
+    x = np.array([[1.0, -2.0]], np.float32)
+    x.flags.writeable = False  # like a view of a request body
+    out = instance.execute({"x": x}, ["doubled", "negated"])
+    np.testing.assert_array_equal(out["doubled"], x * 2)
+    np.testing.assert_array_equal(out["negated"], -x)
+    instance.unload()
+
+
+def test_output_dtype_mismatch_is_named(tmp_path: Path) -> None:
+    from inferstack.core.errors import InternalError
+
+    instance = _instance(tmp_path, Affine(), """
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 8 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP64 dims: [ 3 ] } ]
+""")
+    with pytest.raises(InternalError, match=re.escape(
+            "output 'OUTPUT__0' has dtype torch.float32, the config declares torch.float64")):
+        instance.execute({"INPUT__0": np.zeros((1, 8), np.float32)}, ["OUTPUT__0"])
+
+
+@pytest.mark.parametrize(("config_text", "message"), [
+    ("""platform: "pytorch_libtorch" max_batch_size: 4
+        input [ { name: "INPUT__0" data_type: TYPE_STRING dims: [ 8 ] } ]
+        output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]""",
+     "TYPE_STRING is not supported by the PyTorch backend"),
+    ("""platform: "pytorch_libtorch" max_batch_size: 4
+        input [ { name: "INPUT__1" data_type: TYPE_FP32 dims: [ 8 ] } ]
+        output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]""",
+     "input positions [1] must be 0..0 without gaps"),
+    ("""platform: "pytorch_libtorch" max_batch_size: 4
+        input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 8 ] } ]
+        output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
+        parameters { key: "DISABLE_OPTIMIZED_EXECUTION" value: { string_value: "maybe" } }""",
+     "parameter 'DISABLE_OPTIMIZED_EXECUTION' must be true or false"),
+    ("""platform: "pytorch_libtorch" max_batch_size: 4
+        input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 8 ] } ]
+        output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
+        parameters { key: "INTRA_OP_THREAD_COUNT" value: { string_value: "-2" } }""",
+     "parameter 'INTRA_OP_THREAD_COUNT' must be >= 0"),
+])
+def test_config_errors(tmp_path: Path, config_text: str, message: str) -> None:
+    from inferstack.repository.config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=re.escape(message)):
+        _instance(tmp_path, Affine(), config_text)

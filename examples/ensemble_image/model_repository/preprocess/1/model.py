@@ -12,8 +12,9 @@ import io
 import json
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 from PIL import Image, UnidentifiedImageError
+
+import triton_python_backend_utils as pb_utils
 
 CROP = 224
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)

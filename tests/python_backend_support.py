@@ -225,6 +225,10 @@ class TritonPythonModel:
         return responses
 '''
 
+# The same with `async def execute` and async_exec(), both as Triton documents them.
+ASYNC_BLS_MODEL = BLS_MODEL.replace("    def execute(self, requests):", "    async def execute(self, requests):").replace(
+    "infer_response = infer_request.exec()", "infer_response = await infer_request.async_exec()")
+
 BLS_CONFIG = '''
 backend: "python"
 input [ { name: "A" data_type: TYPE_FP32 dims: [ 1, 16 ] },
@@ -277,5 +281,6 @@ def build_python_repository(root: Path) -> Path:
     write_python_model(root, "py_batched", BATCHED_MODEL, BATCHED_CONFIG)
     write_python_model(root, "py_typed", TYPED_MODEL, TYPED_CONFIG)
     write_python_model(root, "py_bls", BLS_MODEL, BLS_CONFIG)
+    write_python_model(root, "py_bls_async", ASYNC_BLS_MODEL, BLS_CONFIG)
     onnx_models.write_model(root, "onnx_add_sub", onnx_models.add_sub(16), ONNX_ADD_SUB_CONFIG)
     return root

@@ -4,6 +4,8 @@ typed Python models, batching, per-request errors, BLS into ONNX, and worker cra
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -159,6 +161,8 @@ def test_bls_calls_an_onnx_model_through_the_server(py_server: ServerProcess) ->
     inputs = [_in(httpclient, "A", a, "FP32"), _in(httpclient, "B", b, "FP32"), _in(httpclient, "TARGET", target, "BYTES")]
     result = client.infer("py_bls", inputs)
     np.testing.assert_array_equal(result.as_numpy("SUM"), (a + b) + (a - b))
+    result = client.infer("py_bls_async", inputs)
+    np.testing.assert_array_equal(result.as_numpy("SUM"), (a + b) + (a - b))
     stats = client.get_inference_statistics("onnx_add_sub")["model_stats"][0]["inference_stats"]
     assert int(stats["success"]["count"]) >= 1  # it went through the ONNX model's own scheduler
     inputs[2] = _in(httpclient, "TARGET", np.array([b"no_such_model"], dtype=np.object_), "BYTES")
@@ -232,3 +236,23 @@ def test_worker_crash_under_load_is_restarted_and_other_models_keep_serving(py_s
     assert len(other_results) > 10
     assert httpx.get(f"{py_server.url}/v2/health/ready").status_code == 200
     assert "restarting it" in py_server.log()
+
+
+def test_worker_killed_while_idle_is_restarted(py_server: ServerProcess) -> None:
+    client = _http(py_server)
+    pid = json.loads(_batched(client, np.ones((1, 2), np.float32)).as_numpy("INFO")[0, 0])["pid"]
+    os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer, between requests
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            result = _batched(client, np.ones((1, 2), np.float32))
+            new_pid = json.loads(result.as_numpy("INFO")[0, 0])["pid"]
+            if new_pid != pid:
+                break
+        except InferenceServerException:
+            pass
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(0.1)
+    assert client.is_model_ready("py_batched")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

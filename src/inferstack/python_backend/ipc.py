@@ -155,36 +155,30 @@ class Arena:
 
     def write(self, channel: Channel, tensors: list[tuple[str, np.ndarray]]) -> list[TensorRef]:
         """Copy tensors into the arena (growing it first if needed); their references."""
-        layout: list[tuple[str, np.ndarray | bytes, str, int]] = []
+        prepared: list[tuple[str, np.ndarray | bytes, str, tuple[int, ...], int, int]] = []
         total = 0
         for name, value in tensors:
-            value = np.asarray(value)
-            if value.dtype == np.object_ or value.dtype.kind in "SU":
+            if not isinstance(value, np.ndarray):
+                value = np.asarray(value)
+            if value.dtype.kind in "OSU":
                 data: np.ndarray | bytes = serialize_bytes(value)
                 dtype = "BYTES"
                 nbytes = len(data)
             else:
-                data = value
+                data = value if value.flags.c_contiguous else np.ascontiguousarray(value)
                 dtype = value.dtype.str
                 nbytes = value.nbytes
-            layout.append((name, data, dtype, total))
-            total += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+            prepared.append((name, data, dtype, value.shape, total, nbytes))
+            total += (nbytes + _ALIGN - 1) & -_ALIGN
         if total > self.size:
             self._grow(channel, total)
-        refs: list[TensorRef] = []
         mapped = self._map
-        for (name, data, dtype, offset), (_, value) in zip(layout, tensors):
-            if dtype == "BYTES":
-                assert isinstance(data, bytes)
-                mapped[offset:offset + len(data)] = data  # type: ignore[index]
-                refs.append((name, dtype, tuple(np.shape(value)), offset, len(data)))
-            else:
-                assert isinstance(data, np.ndarray)
-                if data.nbytes:
-                    target = np.ndarray(data.shape, data.dtype, buffer=mapped, offset=offset)  # type: ignore[call-overload]
-                    np.copyto(target, data, casting="no")
-                    del target
-                refs.append((name, dtype, data.shape, offset, data.nbytes))
+        refs: list[TensorRef] = []
+        for name, data, dtype, shape, offset, nbytes in prepared:
+            if nbytes:
+                # A contiguous array exports its bytes as a simple buffer: one memcpy.
+                mapped[offset:offset + nbytes] = data  # type: ignore[index]
+            refs.append((name, dtype, shape, offset, nbytes))
         return refs
 
     def _grow(self, channel: Channel, need: int) -> None:
@@ -231,9 +225,19 @@ class Segments:
             if nbytes == 0:
                 out.append((name, np.empty(shape, np.dtype(dtype))))
                 continue
-            view = np.ndarray(shape, np.dtype(dtype), buffer=mapped, offset=offset)  # type: ignore[call-overload]
+            view = np.ndarray(shape, _dtype(dtype), buffer=mapped, offset=offset)  # type: ignore[call-overload]
             out.append((name, view.copy() if copy else view))
         return out
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _dtype(name: str) -> np.dtype:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
 
 
 def serialize_bytes(value: np.ndarray) -> bytes:

@@ -67,7 +67,7 @@ class TritonError:
     ALREADY_EXISTS = 6
     CANCELLED = 7
 
-    def __init__(self, message: str, code: int = 0) -> None:
+    def __init__(self, message: str, code: int = 1) -> None:  # Triton's default: INTERNAL
         self._message = str(message)
         self._code = int(code)
 
@@ -87,6 +87,10 @@ class Tensor:
     __slots__ = ("_array", "_name")
 
     def __init__(self, name: str, array: Any) -> None:
+        if type(array) is np.ndarray and array.dtype.kind not in "SU" and type(name) is str:  # the common case
+            self._name = name
+            self._array = array
+            return
         if not isinstance(name, str):
             raise TritonModelException(f"Tensor name must be a str, got {type(name).__name__}")
         array = np.asarray(array)
@@ -159,13 +163,14 @@ class InferenceResponse:
 class InferenceRequest:
     """A request the model received, or one it builds to call another model (BLS)."""
 
+    # Positional order as in Triton's pybind definition; everyone passes keywords anyway.
     def __init__(
         self,
-        model_name: str = "",
-        requested_output_names: list[str] | None = None,
-        inputs: list[Tensor] | None = None,
         request_id: str = "",
         correlation_id: int | str = 0,
+        inputs: list[Tensor] | None = None,
+        requested_output_names: list[str] | None = None,
+        model_name: str = "",
         model_version: int = -1,
         flags: int = 0,
         timeout: int = 0,

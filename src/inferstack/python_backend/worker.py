@@ -15,6 +15,7 @@ interpreter ends the process, and the server restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -100,6 +101,7 @@ class TritonRunner:
         from inferstack.python_backend import triton_utils as pb
 
         self.pb = pb
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.model = cls()
         if hasattr(self.model, "initialize"):
             self.model.initialize(args)
@@ -116,6 +118,10 @@ class TritonRunner:
                 model_version=request["version"],
             ))
         responses = self.model.execute(built)
+        if inspect.isawaitable(responses):  # `async def execute` (Triton allows it, for async_exec BLS)
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            responses = self._loop.run_until_complete(responses)
         if responses is None or len(responses) != len(built):
             got = "None" if responses is None else f"{len(responses)} responses"
             raise _Error("INTERNAL", f"execute() returned {got} for {len(built)} requests "

@@ -5,7 +5,6 @@ checked against the same computation done here, including padding within a batch
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +21,22 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ensemble_embedding
 TEXTS = [b"the quick brown fox", b"an inference server batches every tensor it can, even zebras!"]
 
 
+def _load_generate():
+    """The example's generate.py under a name of its own (both examples have a generate.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ensemble_embeddings_generate", EXAMPLE / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("embeddings") / "model_repository"
     shutil.copytree(EXAMPLE / "model_repository", root, ignore=shutil.ignore_patterns("model.pt2", "__pycache__"))
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    generate = _load_generate()
     generate.generate(root, layers=2)  # the same interface as the 6-layer model, faster to export
     return root
 

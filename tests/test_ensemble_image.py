@@ -147,6 +147,17 @@ def test_postprocess_top_k(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 # -- end to end, through the server ------------------------------------------------------
 
 
+def _load_generate():
+    """The example's generate.py under a name of its own (both examples have a generate.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ensemble_image_generate", EXAMPLE / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def pipeline_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     if "python" not in BACKENDS:
@@ -155,11 +166,7 @@ def pipeline_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object
 
     root = tmp_path_factory.mktemp("image_pipeline") / "model_repository"
     shutil.copytree(REPOSITORY, root, ignore=shutil.ignore_patterns("model.onnx", "__pycache__"))
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    generate = _load_generate()
     generate.generate(root)
     process = ServerProcess(root, log_path=tmp_path_factory.mktemp("image_logs") / "server.log")
     process.repository_root = root  # type: ignore[attr-defined]

@@ -152,6 +152,8 @@ class PyTorchBackend(Backend):
         return version_dir / TORCHSCRIPT_FILENAME
 
     def complete_config(self, config: mc.ModelConfig, model_path: Path, *, strict: bool) -> None:
+        if not model_path.is_file():
+            raise ModelConfigError(f"model file {model_path} not found")
         for tensor in list(config.input) + list(config.output):
             datatype = config_to_datatype(mc.DataType.Name(tensor.data_type))
             if datatype not in _TORCH_DTYPES:

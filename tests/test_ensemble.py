@@ -4,6 +4,8 @@ failing step named in the error, statistics per step, and explicit-mode dependen
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -361,5 +363,35 @@ def test_explicit_mode_loads_steps_and_follows_them(tmp_path: Path) -> None:
             client.unload_model("chain")
             client.load_model("chain")
             assert client.is_model_ready("add10") and client.is_model_ready("chain")
+    finally:
+        server.stop()
+
+
+def test_poll_mode_ensemble_follows_a_removed_step(tmp_path: Path) -> None:
+    root = build_repository(tmp_path / "repo")
+    server = ServerProcess(root, "--model-control-mode", "poll", "--repository-poll-secs", "0.3",
+                           "--no-strict-readiness", log_path=tmp_path / "server.log")
+
+    def chain_row() -> dict:
+        rows = httpx.post(server.url + "/v2/repository/index", json={}, timeout=30).json()
+        return next(row for row in rows if row["name"] == "chain")
+
+    def wait(state: str) -> dict:
+        deadline = time.monotonic() + 60
+        while (row := chain_row())["state"] != state:
+            assert time.monotonic() < deadline, f"chain never became {state}: {row}"
+            time.sleep(0.1)
+        return row
+
+    try:
+        wait("READY")
+        shutil.move(str(root / "add10"), str(tmp_path / "add10"))
+        row = wait("UNAVAILABLE")
+        assert "step 1 (model 'add10') is not available" in row["reason"]
+        shutil.move(str(tmp_path / "add10"), str(root / "add10"))
+        wait("READY")
+        body = {"inputs": [{"name": "IN", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+        response = httpx.post(server.url + "/v2/models/chain/infer", json=body, timeout=30)
+        assert response.status_code == 200 and response.json()["outputs"][0]["data"] == [11.0] * 4
     finally:
         server.stop()

@@ -20,6 +20,13 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend()
 
 
+def _pytorch() -> Backend:
+    # The module imports torch only when a model loads (inferstack[pytorch]).
+    from inferstack.backends.pytorch import PyTorchBackend
+
+    return PyTorchBackend()
+
+
 def _python() -> Backend:
     from inferstack.backends.python import PythonBackend
 
@@ -51,6 +58,8 @@ BACKENDS["python"] = _python
 # Generation (torch/transformers, vLLM) and embedding models: see docs/llm.md.
 BACKENDS.update(transformers=_transformers, vllm=_vllm, embedding=_embedding)
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime"}
+BACKENDS["pytorch"] = _pytorch
+PLATFORMS["pytorch_libtorch"] = "pytorch"
 
 _instances: dict[str, Backend] = {}
 

@@ -155,7 +155,13 @@ def validate_config(config: mc.ModelConfig, model_name: str, source: str) -> lis
     if config.HasField("sequence_batching"):
         fail("sequence_batching (stateful models) is not supported yet")
     if config.HasField("ensemble_scheduling") or config.platform == "ensemble":
-        fail("ensembles are not supported yet")
+        # The graph alone (producers, cycles); the step models are checked once loaded.
+        from inferstack.repository.ensemble import EnsembleConfigError, check_ensemble
+
+        try:
+            warnings.extend(f"{source}: {warning}" for warning in check_ensemble(config))
+        except EnsembleConfigError as exc:
+            fail(str(exc))
     for field_name, why in _IGNORED_FIELDS.items():
         if _is_set(config, field_name):
             warnings.append(f"{source}: {field_name} ignored: {why}")

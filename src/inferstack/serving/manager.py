@@ -29,7 +29,9 @@ from inferstack.core.errors import (
 )
 from inferstack.repository import ModelConfigError, ModelRepository
 from inferstack.repository.config import read_config, select_versions, validate_config
+from inferstack.repository.ensemble import is_ensemble
 from inferstack.repository.repository import check_model_name
+from inferstack.serving import ensemble
 from inferstack.serving.cache import ResponseCache
 from inferstack.serving.model import ModelState, ModelVersion
 
@@ -89,6 +91,7 @@ class ModelManager:
             names = names if "*" in wanted else list(dict.fromkeys(wanted))
         if not names:
             log.warning("no models to load from %s", self.repository.root)
+        names = ensemble.startup_order(self, names)
         await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
         self.startup_complete = True
         ready = sum(1 for name in names if self._models.get(name) and self._models[name].ready_versions())
@@ -137,10 +140,14 @@ class ModelManager:
                 config.name = name
             for warning in validate_config(config, name, source):
                 log.warning("%s", warning)
-            backend = backend_for(config.backend, config.platform)
-            bind = getattr(backend, "bind_server", None)
-            if bind is not None:  # backends whose models call other models (Python BLS)
-                bind(self, asyncio.get_running_loop())
+            if is_ensemble(config):
+                await ensemble.load_steps(self, name, config)
+                backend = None
+            else:
+                backend = backend_for(config.backend, config.platform)
+                bind = getattr(backend, "bind_server", None)
+                if bind is not None:  # backends whose models call other models (Python BLS)
+                    bind(self, asyncio.get_running_loop())
             versions = select_versions(config, self.repository.versions(name))
             if not versions:
                 raise ModelConfigError(f"model {name!r}: no version directory matches the version policy")
@@ -163,6 +170,18 @@ class ModelManager:
             version_config = copy.deepcopy(config)
             try:
                 version_dir = self.repository.version_dir(name, number)
+                if backend is None:  # an ensemble: no model file, no instances
+                    version: ModelVersion = ensemble.EnsembleVersion(
+                        name, number, version_config, self.get,
+                        response_cache=self.options.response_cache, model_dir=model_dir,
+                    )
+                    await version.load()
+                    new_versions[number] = version
+                    self._log_state(name, number, ModelState.READY, "ensemble of " + ", ".join(
+                        dict.fromkeys(step.model_name for step in version.steps)))
+                    version.source = origin
+                    version.lookup = functools.partial(self.get, name)
+                    return
                 model_path = backend.model_path(version_config, version_dir)
                 self.repository.check_inside(model_path, f"model {name!r} version {number}: model file")
                 await asyncio.to_thread(

@@ -330,7 +330,10 @@ instance_group [ { count: 2 } ]
         if cycle in (1, 10, 20, 30, 40, 50):
             rss[cycle] = _rss_mb(server.process.pid)
     print("RSS (MB) after cycles: " + ", ".join(f"{c}: {v:.0f}" for c, v in rss.items()))
-    assert rss[50] - rss[10] < 30, rss
+    # RSS swings by ~30 MB from cycle to cycle (allocator arenas, ORT's CPU arena): compare
+    # the highest late sample with the highest early one. A leak of even 2 MB per cycle (a
+    # quarter of one instance's weights) adds 80 MB over the last 40 cycles.
+    assert max(rss[40], rss[50]) - max(rss[1], rss[10]) < 80, rss
 
 
 # -- warmup ------------------------------------------------------------------------------------------

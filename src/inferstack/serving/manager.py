@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,8 @@ class ModelManager:
         await asyncio.gather(*(load_version(v) for v in versions))
         retired = self._switch(model, new_versions)
         await asyncio.gather(*(self._unload_version(v) for v in retired if v.scheduler is not None))
+        if retired:
+            _collect_garbage_soon()
 
     def _switch(self, model: _Model, new_versions: dict[int, ModelVersion]) -> list[ModelVersion]:
         """Put the new versions in place in one assignment; return the ones to retire.
@@ -280,6 +283,7 @@ class ModelManager:
             model.versions = {}
             model.state = ModelState.UNAVAILABLE
             model.reason = "unloaded"
+        _collect_garbage_soon()
 
     async def _unload_version(self, version: ModelVersion) -> None:
         self._log_state(version.name, version.version, ModelState.UNLOADING, "")
@@ -394,3 +398,16 @@ class ModelManager:
                     "reason": version.reason or model.reason,
                 })
         return rows
+
+
+def _collect_garbage_soon() -> None:
+    """Free an unloaded version's memory now rather than at the next cyclic collection.
+
+    Sessions and their weights can sit in reference cycles; with the server's raised
+    gen-0 threshold (server._tune_gc) a collection may not come for a long while after
+    an unload. Scheduled on the loop so the caller's references are gone by then.
+    """
+    try:
+        asyncio.get_running_loop().call_soon(gc.collect)
+    except RuntimeError:  # no loop (tests calling the manager synchronously)
+        gc.collect()

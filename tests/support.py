@@ -17,10 +17,23 @@ from inferstack.testing import onnx_models
 READY_TIMEOUT = 120.0  # generous: a busy 2-core CI machine loads models slowly
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nobody listens on, never the same one twice in this test session.
+
+    The kernel may hand the port just released to the next bind(0), so two calls in a
+    row (a server's HTTP, gRPC and metrics ports) could otherwise return the same port.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port after 100 tries")
 
 
 class ServerProcess:

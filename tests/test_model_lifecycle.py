@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shutil
 import threading
@@ -204,7 +205,10 @@ def _reload_scenarios(server: ServerProcess, repository: Path, model: str, poll:
     with Hammer(server, model) as hammer:
         # (a) The config changes (batching delay, instance count): reloaded under load, 4 times.
         for delay, count in ((300, 2), (0, 1), (100, 3), (0, 1)):
-            config_path.write_text(CONSTANT_CONFIG % (delay, count))
+            # Atomically (as a deployment tool should): a poll scan must not read a half-written file.
+            staged = repository.parent / f"{repository.name}-staged-config.pbtxt"  # outside the scanned tree
+            staged.write_text(CONSTANT_CONFIG % (delay, count))
+            os.replace(staged, config_path)
             if not poll:
                 response = load(server, model)
                 assert response.status_code == 200, response.text

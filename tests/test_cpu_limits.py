@@ -1,4 +1,4 @@
-"""How many CPUs the ONNX Runtime backend thinks it has: cgroup quotas and --workers."""
+"""How many CPUs the backends size their threads for: cgroup quotas and --workers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from inferstack.backends import onnxruntime as ort_backend
+from inferstack.backends import resources as ort_backend
 
 
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
@@ -36,10 +36,10 @@ def test_usable_cores_takes_quota_and_workers_into_account(monkeypatch: pytest.M
     monkeypatch.setattr(ort_backend.os, "sched_getaffinity", lambda _pid: set(range(16)))
     monkeypatch.setattr(ort_backend, "cgroup_cpu_limit", lambda: None)
     monkeypatch.delenv("INFERSTACK_WORKER_PROCESSES", raising=False)
-    assert ort_backend._usable_cores() == 16
+    assert ort_backend.usable_cores() == 16
     monkeypatch.setattr(ort_backend, "cgroup_cpu_limit", lambda: 3.5)  # a 3500m limit: 4 threads
-    assert ort_backend._usable_cores() == 4
+    assert ort_backend.usable_cores() == 4
     monkeypatch.setenv("INFERSTACK_WORKER_PROCESSES", "2")
-    assert ort_backend._usable_cores() == 2
+    assert ort_backend.usable_cores() == 2
     monkeypatch.setenv("INFERSTACK_WORKER_PROCESSES", "8")
-    assert ort_backend._usable_cores() == 1
+    assert ort_backend.usable_cores() == 1

@@ -145,7 +145,7 @@ def test_dead_worker_is_restarted(mlp_repository: Path, start_server) -> None:
     _wait_for(replaced, timeout=90, what="worker 0 restarted")
     text = httpx.get(server.metrics_url, timeout=10).text
     assert _metric(text, "inferstack_worker_restarts_total") == 1.0
-    assert "worker 0 (pid %d) exited with signal SIGKILL" % victim in server.log()
+    assert f"worker 0 (pid {victim}) exited with signal SIGKILL" in server.log()
     server.wait_ready()
     # The server keeps answering (connections land on either worker).
     body = {"inputs": [{"name": "INPUT0", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}

@@ -17,8 +17,6 @@ message saying so rather than quietly running on the CPU.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,10 @@ import onnxruntime as ort
 
 from inferstack._proto import model_config_pb2 as mc
 from inferstack.backends.base import Backend, InstanceSpec, ModelInstance
+from inferstack.backends.resources import int_parameter, usable_cores
 from inferstack.core.datatypes import datatype_to_config
 from inferstack.core.errors import InternalError, InvalidArgumentError
-from inferstack.repository.config import ModelConfigError, parameter
+from inferstack.repository.config import ModelConfigError
 
 log = logging.getLogger("inferstack.backends.onnxruntime")
 
@@ -94,9 +93,9 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> ModelInstance:
         options = ort.SessionOptions()
-        intra = _int_parameter(config, "intra_op_thread_count")
-        inter = _int_parameter(config, "inter_op_thread_count")
-        cores = _usable_cores()
+        intra = int_parameter(config, "intra_op_thread_count")
+        inter = int_parameter(config, "inter_op_thread_count")
+        cores = usable_cores()
         options.intra_op_num_threads = intra if intra else max(1, cores // max(1, instance.total_instances))
         if inter:
             options.inter_op_num_threads = inter
@@ -175,59 +174,6 @@ def _complete_tensors(
             raise ModelConfigError(
                 f"the model's inputs {undeclared} are not declared in the config"
             )
-
-
-def _usable_cores() -> int:
-    """CPUs this process may use: affinity-aware (unlike os.cpu_count()), capped by a
-    cgroup CPU quota (a Kubernetes CPU limit: a pod limited to 2 CPUs on a 64-core node
-    must not start 64 threads per session), and divided between the worker processes
-    of ``serve --workers N`` (each loads its own models)."""
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not on Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_limit()
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    try:
-        processes = int(os.environ.get("INFERSTACK_WORKER_PROCESSES", "1"))
-    except ValueError:
-        processes = 1
-    return max(1, cores // max(1, processes))
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU limit of this process's cgroup in CPUs, or None when unlimited or unknown.
-
-    cgroup v2: ``cpu.max`` holds ``"<quota> <period>"`` or ``"max <period>"``;
-    cgroup v1: ``cpu/cpu.cfs_quota_us`` (-1 when unlimited) and ``cpu.cfs_period_us``.
-    """
-    try:
-        fields = (root / "cpu.max").read_text().split()
-        if len(fields) == 2 and fields[0] != "max" and int(fields[1]) > 0:
-            return int(fields[0]) / int(fields[1])
-        return None
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def _int_parameter(config: mc.ModelConfig, key: str) -> int:
-    value = parameter(config, key)
-    if value is None or value == "":
-        return 0
-    try:
-        number = int(value)
-    except ValueError:
-        raise ModelConfigError(f"parameter {key!r} must be an integer, got {value!r}") from None
-    if number < 0:
-        raise ModelConfigError(f"parameter {key!r} must be >= 0, got {number}")
-    return number
 
 
 def _providers(config: mc.ModelConfig, instance: InstanceSpec) -> list[Any]:

@@ -25,7 +25,6 @@ load with a message when CUDA is not available — never a silent CPU fallback.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 from inferstack._proto import model_config_pb2 as mc
 from inferstack.backends.base import Backend, InstanceSpec, ModelInstance
+from inferstack.backends.resources import int_parameter, usable_cores
 from inferstack.core.datatypes import config_to_datatype, datatype_to_config
 from inferstack.core.errors import InternalError
 from inferstack.repository.config import ModelConfigError, parameter
@@ -190,10 +190,10 @@ class PyTorchBackend(Backend):
         else:
             device = "cpu"
         module = _load_module(model_path, device)
-        threads = _int_parameter(config, "INTRA_OP_THREAD_COUNT") or max(
-            1, _usable_cores() // max(1, instance.total_instances)
+        threads = int_parameter(config, "INTRA_OP_THREAD_COUNT") or max(
+            1, usable_cores() // max(1, instance.total_instances)
         )
-        _set_interop_threads(torch, _int_parameter(config, "INTER_OP_THREAD_COUNT"))
+        _set_interop_threads(torch, int_parameter(config, "INTER_OP_THREAD_COUNT"))
         created = PyTorchInstance(torch, module, config, model_path, device, threads)
         # Triton's switch for TorchScript's profiling executor, which re-specialises the graph
         # for each new input shape (every new batch size, under dynamic batching).
@@ -266,26 +266,6 @@ def _input_positions(config: mc.ModelConfig, module: Any, model_path: Path) -> l
             f"arguments {tuple(arguments)}"
         )
     return positions
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
-def _int_parameter(config: mc.ModelConfig, key: str) -> int:
-    value = parameter(config, key)
-    if value is None or value == "":
-        return 0
-    try:
-        number = int(value)
-    except ValueError:
-        raise ModelConfigError(f"parameter {key!r} must be an integer, got {value!r}") from None
-    if number < 0:
-        raise ModelConfigError(f"parameter {key!r} must be >= 0, got {number}")
-    return number
 
 
 def _bool_parameter(config: mc.ModelConfig, key: str) -> bool:

@@ -100,11 +100,11 @@ class EmbeddingBackend(Backend):
                 config.dynamic_batching.SetInParent()
 
     def load(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> ModelInstance:
-        from inferstack.backends.onnxruntime import _int_parameter, _usable_cores
+        from inferstack.backends.resources import int_parameter, usable_cores
 
         pooling, normalize, max_length = _settings(config)
-        threads = _int_parameter(config, "intra_op_thread_count") or max(
-            1, _usable_cores() // max(1, instance.total_instances))
+        threads = int_parameter(config, "intra_op_thread_count") or max(
+            1, usable_cores() // max(1, instance.total_instances))
         return EmbeddingInstance(_session(model_path, threads), load_tokenizer(model_path, max_length),
                                  pooling, normalize)
 

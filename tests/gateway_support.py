@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import yaml
 
 from inferstack.perf.clients import RawConnection, build_request
 from inferstack.testing import onnx_models
-from tests.support import MLP_CONFIG, READY_TIMEOUT, SLOW_CONFIG, ServerProcess, free_port
+from tests.support import MLP_CONFIG, READY_TIMEOUT, SLOW_CONFIG, ServerProcess, free_port, stop_process
 
 ADMIN_TOKEN = "admin-secret-token"
 
@@ -152,16 +151,7 @@ class GatewayProcess:
         return total
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.process.returncode
+        return stop_process(self.process, self._log, timeout)
 
 
 def infer_body(model_input: np.ndarray, parameters: dict[str, Any] | None = None) -> bytes:

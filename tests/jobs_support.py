@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from inferstack.testing import onnx_models
-from tests.support import MLP_CONFIG, free_port
+from tests.support import MLP_CONFIG, free_port, stop_process
 
 READY_TIMEOUT = 120.0
 
@@ -157,16 +157,7 @@ class WorkerProcess:
             self.process.wait()
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.process.returncode
+        return stop_process(self.process, self._log, timeout)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -100,16 +101,22 @@ class ServerProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait, SIGKILL if it hangs; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.process.returncode
+        return stop_process(self.process, self._log, timeout)
+
+
+def stop_process(process: subprocess.Popen, log_file: IO[bytes], timeout: float) -> int:
+    """SIGTERM a process the tests started, SIGKILL it if it has not exited within
+    ``timeout``, close its log file; returns its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if not log_file.closed:
+        log_file.close()
+    return process.returncode
 
 
 MLP_CONFIG = """

@@ -6,7 +6,9 @@ grpc-python itself, by serving a unary echo of a 300-byte payload (about an
 MLP request) from
 
 - ``grpc.aio`` (what inferstack uses), on asyncio and on uvloop, and
-- the thread-pool ``grpc.server``,
+- the thread-pool ``grpc.server``, and
+- inferstack's own gRPC-over-HTTP/2 server (``transports/grpc_h2.py``, what
+  ``inferstack serve`` uses by default) on uvloop,
 
 driven by a grpc.aio client at a fixed concurrency, and prints requests/s and
 server CPU microseconds per request (user+sys of the server process from
@@ -96,6 +98,27 @@ async def _drive(port: int, requests: int, concurrency: int) -> float:
         return time.perf_counter() - start
 
 
+def _serve_h2(port: int, ready, stop) -> None:
+    from inferstack.transports.grpc_h2 import GrpcH2Server, Method
+
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    async def main() -> None:
+        method = Method(METHOD, bytes, echo, serialize=bytes)
+        server = GrpcH2Server(None, "127.0.0.1", port, max_message_bytes=1 << 20,
+                              methods={f"/{SERVICE}/{METHOD}": method})
+        await server.start()
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await server.stop(0)
+
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(main())
+
+
 def measure(kind: str, requests: int, concurrency: int) -> tuple[float, float]:
     """(requests/s, server CPU µs per request) for one server kind."""
     ctx = mp.get_context("spawn")
@@ -103,6 +126,8 @@ def measure(kind: str, requests: int, concurrency: int) -> tuple[float, float]:
     port = _free_port()
     if kind == "sync":
         process = ctx.Process(target=_serve_sync, args=(port, ready, stop))
+    elif kind == "inferstack":
+        process = ctx.Process(target=_serve_h2, args=(port, ready, stop))
     else:
         process = ctx.Process(target=_serve_aio, args=(port, ready, stop, kind == "aio+uvloop"))
     process.start()
@@ -126,7 +151,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    kinds = ["aio", "aio+uvloop", "sync"]
+    kinds = ["aio", "aio+uvloop", "sync", "inferstack"]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:  # interleaved, so drift in machine load hits every kind alike

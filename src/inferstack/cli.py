@@ -19,6 +19,11 @@ app = typer.Typer(
 )
 
 
+class GrpcServerKind(str, Enum):
+    inferstack = "inferstack"
+    grpcio = "grpcio"
+
+
 class ControlMode(str, Enum):
     none = "none"
     explicit = "explicit"
@@ -87,6 +92,7 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe v2 GRPCInferenceService).", min=0, max=65535)] = 8001,
     allow_grpc: Annotated[bool, typer.Option("--allow-grpc/--no-allow-grpc", help="Serve gRPC.")] = True,
     grpc_max_message_size: Annotated[int, typer.Option(help="Largest gRPC message in bytes, received or sent (RESOURCE_EXHAUSTED beyond).", min=1)] = 128 * 1024 * 1024,
+    grpc_server: Annotated[GrpcServerKind, typer.Option(help="What carries gRPC: inferstack (our own HTTP/2 server, about half the CPU per call) or grpcio (grpc.aio).")] = GrpcServerKind.inferstack,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.", min=0, max=65535)] = 8002,
     allow_metrics: Annotated[bool, typer.Option("--allow-metrics/--no-allow-metrics", help="Serve Prometheus metrics.")] = True,
     allow_client_shm: Annotated[
@@ -155,6 +161,7 @@ def serve(
         allow_client_shm=allow_client_shm,
         allow_grpc=allow_grpc,
         grpc_max_message_bytes=grpc_max_message_size,
+        grpc_server=grpc_server.value,
         model_control_mode=model_control_mode.value,
         load_models=list(load_model or []),
         repository_poll_secs=repository_poll_secs,

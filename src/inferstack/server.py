@@ -32,7 +32,8 @@ from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.serving import ModelManager, ServerOptions
 from inferstack.serving.cache import create_cache
 from inferstack.serving.watcher import RepositoryWatcher
-from inferstack.transports.grpc import GrpcService, create_grpc_server
+from inferstack.transports.grpc import GrpcService, start_grpc_server
+from inferstack.transports.sockets import reuse_port_socket
 from inferstack.transports.http import EXTENSIONS, HttpApi, create_app
 
 log = logging.getLogger("inferstack.server")
@@ -52,6 +53,8 @@ class ServerSettings:
     allow_client_shm: bool = False
     allow_grpc: bool = True
     grpc_max_message_bytes: int = 128 * 1024 * 1024
+    #: Which server carries gRPC: ``inferstack`` (our own HTTP/2, transports/grpc_h2.py) or ``grpcio`` (grpc.aio).
+    grpc_server: str = "inferstack"
     model_control_mode: str = "none"
     load_models: list[str] = field(default_factory=list)
     repository_poll_secs: float = 15.0
@@ -173,17 +176,16 @@ class InferenceServer:
         grpc_server = None
         if s.allow_grpc:
             try:
-                grpc_server, bound = create_grpc_server(
+                grpc_server, bound = await start_grpc_server(
                     self.grpc_service, s.host, s.grpc_port, max_message_bytes=s.grpc_max_message_bytes,
-                    reuse_port=s.reuse_port,
+                    reuse_port=s.reuse_port, implementation=s.grpc_server,
                 )
-                await grpc_server.start()
             except (OSError, RuntimeError) as exc:
                 log.error("cannot serve gRPC on %s:%d: %s", s.host, s.grpc_port, exc)
                 if metrics_server is not None:
                     metrics_server.shutdown()
                 return 1
-            log.info("gRPC on %s:%d", s.host, bound)
+            log.info("gRPC on %s:%d (%s server)", s.host, bound, s.grpc_server)
 
         http = _UvicornServer(
             uvicorn.Config(
@@ -202,7 +204,7 @@ class InferenceServer:
         sockets = None
         if s.reuse_port:
             try:
-                sockets = [_reuse_port_socket(s.host, s.http_port)]
+                sockets = [reuse_port_socket(s.host, s.http_port)]
             except OSError as exc:
                 log.error("cannot serve HTTP on %s:%d: %s", s.host, s.http_port, exc)
                 if grpc_server is not None:
@@ -270,24 +272,6 @@ def _tune_gc() -> None:
     the default gen-0 threshold (700) a collection ran every few requests (~11% of the
     event loop in profiles; +11-13% req/s on the MLP at c=32 with this setting)."""
     gc.set_threshold(50_000, 50, 100)
-
-
-def _reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, for uvicorn to serve on."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 async def _serve_http(http: uvicorn.Server, sockets: list[socket.socket] | None = None) -> int:

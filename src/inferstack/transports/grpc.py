@@ -1,6 +1,9 @@
-"""The KServe v2 gRPC service (``inference.GRPCInferenceService``) on ``grpc.aio``.
+"""The KServe v2 gRPC service (``inference.GRPCInferenceService``).
 
-It runs on the same event loop as the HTTP app and calls the same model
+``GrpcService`` is the servicer: every RPC, written once. Two servers can carry
+it (``serve --grpc-server``): inferstack's own gRPC-over-HTTP/2 server
+(``transports/grpc_h2.py``, the default: about half the CPU per call) or
+``grpc.aio`` (``grpcio``). Either runs on the same event loop as the HTTP app and calls the same model
 manager, so both transports see one set of models, queues and statistics.
 Errors become gRPC status codes from the error's ``grpc_code`` (NOT_FOUND,
 INVALID_ARGUMENT, UNAVAILABLE ...) with the same message HTTP would send.
@@ -36,6 +39,7 @@ from inferstack.protocol.grpc_codec import (
 from inferstack.protocol.shared_memory import SystemSharedMemory
 from inferstack.repository.config import ModelConfigError, parse_config_json
 from inferstack.serving import ModelManager
+from inferstack.transports.grpc_h2 import GrpcH2Server
 
 log = logging.getLogger("inferstack.grpc")
 
@@ -293,6 +297,27 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request: Any, context: Any) -> Any:
         return await self._unsupported(context, "log settings")
+
+
+#: ``serve --grpc-server`` choices.
+GRPC_SERVERS = ("inferstack", "grpcio")
+
+
+async def start_grpc_server(
+    service: GrpcService, host: str, port: int, *, max_message_bytes: int, reuse_port: bool = False,
+    implementation: str = "inferstack",
+) -> tuple[Any, int]:
+    """Start a gRPC server for ``service``; returns it (``await server.stop(grace)``) and its port."""
+    if implementation == "grpcio":
+        server, bound = create_grpc_server(
+            service, host, port, max_message_bytes=max_message_bytes, reuse_port=reuse_port
+        )
+        await server.start()
+        return server, bound
+    if implementation != "inferstack":
+        raise ValueError(f"unknown gRPC server {implementation!r}; choose one of {', '.join(GRPC_SERVERS)}")
+    h2_server = GrpcH2Server(service, host, port, max_message_bytes=max_message_bytes, reuse_port=reuse_port)
+    return h2_server, await h2_server.start()
 
 
 def create_grpc_server(

@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ from bench_server import (  # noqa: E402
 
 from inferstack.perf import RawConnection, build_request  # noqa: E402
 from inferstack.perf.clients import grpc_infer_request  # noqa: E402
+from inferstack.perf.grpc_h2 import GrpcH2Channel  # noqa: E402
 
 VARIANTS = ("naive", "naive_async", "json", "binary", "grpc")
 NAIVE = ("naive", "naive_async")
@@ -177,6 +179,8 @@ class Clients:
     #: gRPC channels (HTTP/2 connections) the clients of a level spread over; 1 is what
     #: `inferstack perf` does. `serve --workers N` balances connections, so it needs more.
     grpc_channels = 1
+    #: The gRPC client: `inferstack` (perf's own HTTP/2 client, what `inferstack perf` uses) or `grpcio` (grpc.aio).
+    grpc_client = "inferstack"
 
     def __init__(self) -> None:
         self.conns: list[RawConnection] = []
@@ -205,11 +209,19 @@ class Clients:
         index = self._grpc_clients % self.grpc_channels
         self._grpc_clients += 1
         if index >= len(self.channels):  # by default one channel carries every client, as in `inferstack perf`
-            self.channels.append(grpc.aio.insecure_channel(
-                f"{t.host}:{t.grpc_port}",
-                options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30),
-                         ("grpc.use_local_subchannel_pool", 1)]))
-        infer = self.channels[index].unary_unary(GRPC_INFER)  # bytes in, bytes out
+            if self.grpc_client == "inferstack":
+                self.channels.append(GrpcH2Channel(t.host, t.grpc_port))
+            else:
+                self.channels.append(grpc.aio.insecure_channel(
+                    f"{t.host}:{t.grpc_port}",
+                    options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30),
+                             ("grpc.use_local_subchannel_pool", 1)]))
+        channel = self.channels[index]
+        if isinstance(channel, GrpcH2Channel):
+            def infer(data: bytes, timeout: float) -> Awaitable[bytes]:
+                return channel.unary(GRPC_INFER, data, timeout)
+        else:
+            infer = channel.unary_unary(GRPC_INFER)  # bytes in, bytes out
         data = grpc_infer_request(model, "", [("INPUT0", "FP32", list(x.shape), x.astype("<f4").tobytes())],
                                   ["OUTPUT0"])
         want = 4 * out_elems
@@ -546,6 +558,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the servers (default: this one)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for `inferstack serve`")
+    ap.add_argument("--grpc-client", choices=["inferstack", "grpcio"], default="inferstack",
+                    help="gRPC load client: inferstack (perf's own HTTP/2 client, as `inferstack perf`) or grpcio "
+                         "(grpc.aio, ~3x the client CPU per call)")
     ap.add_argument("--grpc-channels", type=int, default=1,
                     help="gRPC channels (connections) the clients of a level share; >1 to reach every "
                          "process of `serve --workers N`")
@@ -1063,6 +1078,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     Clients.grpc_channels = max(1, args.grpc_channels)
+    Clients.grpc_client = args.grpc_client
     tmp = None
     if args.work_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="inferstack-compare-"))

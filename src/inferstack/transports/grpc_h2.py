@@ -42,8 +42,9 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from inferstack._proto import grpc_service_pb2 as pb
+from inferstack.protocol.http2 import STATUS_200, hpack_literal
+from inferstack.transports.http2 import Http2Connection, Stream
 from inferstack.transports.sockets import reuse_port_socket
-from inferstack.transports.http2 import STATUS_200, Http2Connection, Stream, hpack_literal
 
 log = logging.getLogger("inferstack.grpc")
 
@@ -122,7 +123,7 @@ class _CallError(Exception):
 class Method:
     """One RPC of the service: how to parse its request and which handler runs it."""
 
-    __slots__ = ("name", "parse", "serialize", "handler", "client_streaming", "server_streaming")
+    __slots__ = ("client_streaming", "handler", "name", "parse", "serialize", "server_streaming")
 
     def __init__(self, name: str, parse: Callable[[Any], Any], handler: Callable[..., Any],
                  client_streaming: bool = False, server_streaming: bool = False,
@@ -153,8 +154,21 @@ class Call:
     """One gRPC call's state; also the handler's ``context``."""
 
     __slots__ = (
-        "conn", "stream", "method", "metadata", "encoding", "deadline", "task", "timer", "expired",
-        "requests", "code", "details", "trailing", "finished", "_server",
+        "_server",
+        "code",
+        "conn",
+        "deadline",
+        "details",
+        "encoding",
+        "expired",
+        "finished",
+        "metadata",
+        "method",
+        "requests",
+        "stream",
+        "task",
+        "timer",
+        "trailing",
     )
 
     def __init__(self, server: GrpcH2Server, conn: Http2Connection, stream: Stream, method: Method,

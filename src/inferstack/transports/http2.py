@@ -25,100 +25,65 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import struct
 from typing import Any, Protocol
 
-import hpack
 import hpack.exceptions
 
+from inferstack.protocol.http2 import (
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    NO_ERROR,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    SETTINGS_ENABLE_PUSH,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS,
+    SETTINGS_MAX_FRAME_SIZE,
+    SETTINGS_MAX_HEADER_LIST_SIZE,
+    TABLE_SIZE_ZERO,
+    U32,
+    WINDOW_UPDATE,
+    HeaderBlockDecoder,
+    frame,
+    frame_head,
+)
+
 log = logging.getLogger("inferstack.http2")
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-# Frame types (RFC 9113 section 6).
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-# Flags.
-END_STREAM = 0x1
-ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-# Error codes (section 7).
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
-FLOW_CONTROL_ERROR = 0x3
-STREAM_CLOSED = 0x5
-FRAME_SIZE_ERROR = 0x6
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-COMPRESSION_ERROR = 0x9
-# Settings identifiers (section 6.5.2).
-SETTINGS_HEADER_TABLE_SIZE = 0x1
-SETTINGS_ENABLE_PUSH = 0x2
-SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
-SETTINGS_INITIAL_WINDOW_SIZE = 0x4
-SETTINGS_MAX_FRAME_SIZE = 0x5
-SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
-
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65_535
-DEFAULT_MAX_FRAME = 16_384
-
-_FRAME_HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
-_SETTING = struct.Struct(">HL")
-_U32 = struct.Struct(">L")
-
-
-def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    """One frame: the 9-byte head and the payload."""
-    size = len(payload)
-    return _FRAME_HEAD.pack(size >> 8, size & 0xFF, frame_type, flags, stream_id) + payload
-
-
-def frame_head(frame_type: int, flags: int, stream_id: int, size: int) -> bytes:
-    return _FRAME_HEAD.pack(size >> 8, size & 0xFF, frame_type, flags, stream_id)
-
-
-# -- HPACK, sending side: literals only, never indexed ---------------------------------
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """An HPACK integer (RFC 7541 section 5.1) with ``first``'s high bits set."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def hpack_literal(name: bytes, value: bytes) -> bytes:
-    """A header as 'literal without indexing, new name' (section 6.2.2), no Huffman.
-
-    Nothing we send touches the peer's dynamic table, so the blocks can be
-    built once and reused on every connection.
-    """
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
-
-#: ``:status: 200`` is entry 8 of HPACK's static table.
-STATUS_200 = b"\x88"
-#: A dynamic table size update to 0 (section 6.3), sent once per connection so
-#: that whatever HEADER_TABLE_SIZE the peer announces, our (empty) table fits it.
-TABLE_SIZE_ZERO = b"\x20"
-
 
 class Stream:
     """One HTTP/2 stream: request headers, buffered body, send window and queue."""
 
     __slots__ = (
-        "id", "headers", "body", "remote_closed", "local_closed", "send_window", "recv_unacked",
-        "pending", "drained", "app",
+        "app",
+        "body",
+        "drained",
+        "headers",
+        "id",
+        "local_closed",
+        "pending",
+        "recv_unacked",
+        "remote_closed",
+        "send_window",
     )
 
     def __init__(self, stream_id: int, send_window: int) -> None:
@@ -181,8 +146,7 @@ class Http2Connection(asyncio.Protocol):
         self._on_close = on_close
         self._buf = bytearray()
         self._preface_seen = False
-        self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
-        self._header_cache: dict[bytes, list[tuple[str, str]]] = {}
+        self._decoder = HeaderBlockDecoder(max_header_list_size)
         self._header_stream: Stream | None = None  # a header block continued in CONTINUATION frames
         self._header_end_stream = False
         self._header_block = bytearray()
@@ -210,7 +174,7 @@ class Http2Connection(asyncio.Protocol):
             host = peer[0]
             self.peer = f"ipv6:[{host}]:{peer[1]}" if ":" in host else f"ipv4:{host}:{peer[1]}"
         settings = b"".join(
-            _SETTING.pack(key, value)
+            SETTING.pack(key, value)
             for key, value in (
                 (SETTINGS_MAX_CONCURRENT_STREAMS, self._max_streams),
                 (SETTINGS_INITIAL_WINDOW_SIZE, self._initial_window),
@@ -220,7 +184,7 @@ class Http2Connection(asyncio.Protocol):
         )
         out = frame(SETTINGS, 0, 0, settings)
         if self._connection_window > DEFAULT_WINDOW:
-            out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._connection_window - DEFAULT_WINDOW))
+            out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._connection_window - DEFAULT_WINDOW))
         transport.write(out)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -276,7 +240,7 @@ class Http2Connection(asyncio.Protocol):
                     break
                 frame_type = buf[pos + 3]
                 flags = buf[pos + 4]
-                stream_id = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                stream_id = U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
                 start = pos + 9
                 pos = end
                 if self._header_stream is not None and frame_type != CONTINUATION:
@@ -313,7 +277,7 @@ class Http2Connection(asyncio.Protocol):
         length = end - start
         self._recv_unacked += length
         if self._recv_unacked >= self._connection_window // 4:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked)))
+            self._write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self._recv_unacked)))
             self._recv_unacked = 0
         if flags & PADDED:
             if length < 1 or view[start] >= length:
@@ -332,7 +296,7 @@ class Http2Connection(asyncio.Protocol):
         else:
             stream.recv_unacked += length
             if stream.recv_unacked >= self._initial_window // 2:
-                self._write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.recv_unacked)))
+                self._write(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.recv_unacked)))
                 stream.recv_unacked = 0
         self.handler.data_received(self, stream, end_stream)
         self._maybe_forget(stream)
@@ -371,33 +335,13 @@ class Http2Connection(asyncio.Protocol):
             self._header_stream = None
             self._headers_complete(stream)
 
-    def _decode_headers(self, block: bytes) -> list[tuple[str, str]]:
-        """HPACK-decode a header block, from a cache when the block cannot change the table.
-
-        A block made only of one-byte indexed fields (every byte in 0x80-0xFE) adds
-        nothing to the dynamic table, so while the table is unchanged it always
-        decodes the same: gRPC clients send such blocks for every call after the
-        first on a connection. Any other block may change the table and empties the cache.
-        """
-        cached = self._header_cache.get(block)
-        if cached is not None:
-            return cached
-        headers = self._decoder.decode(block)
-        if block and max(block) < 0xFF and min(block) >= 0x80:
-            if len(self._header_cache) >= 64:
-                self._header_cache.clear()
-            self._header_cache[block] = headers
-        else:
-            self._header_cache.clear()
-        return headers
-
     def _headers_complete(self, stream: Stream) -> None:
         try:
-            headers = self._decode_headers(bytes(self._header_block))
+            headers = self._decoder.decode(bytes(self._header_block))
         except hpack.exceptions.OversizedHeaderListError as error:
             # The decoder's state is intact: refuse this stream only.
             if stream.id not in self.streams:
-                self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(REFUSED_STREAM)))
+                self._write(frame(RST_STREAM, 0, stream.id, U32.pack(REFUSED_STREAM)))
             log.info("HTTP/2 stream %d refused: %s", stream.id, error)
             return
         except hpack.exceptions.HPACKError as error:
@@ -411,10 +355,10 @@ class Http2Connection(asyncio.Protocol):
             self._maybe_forget(stream)
             return
         if self.closing:
-            self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(REFUSED_STREAM)))
+            self._write(frame(RST_STREAM, 0, stream.id, U32.pack(REFUSED_STREAM)))
             return
         if len(self.streams) >= self._max_streams:
-            self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(REFUSED_STREAM)))
+            self._write(frame(RST_STREAM, 0, stream.id, U32.pack(REFUSED_STREAM)))
             return
         stream.headers = headers  # type: ignore[assignment]
         stream.remote_closed = end_stream
@@ -430,7 +374,7 @@ class Http2Connection(asyncio.Protocol):
         if len(payload) % 6:
             raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
         for offset in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, offset)
+            key, value = SETTING.unpack_from(payload, offset)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1")
@@ -451,7 +395,7 @@ class Http2Connection(asyncio.Protocol):
     def _on_window_update(self, payload: bytes, stream_id: int) -> None:
         if len(payload) != 4:
             raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload must be 4 bytes")
-        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
             if increment == 0:
                 raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -622,7 +566,7 @@ class Http2Connection(asyncio.Protocol):
             return
         if not stream.remote_closed:
             stream.remote_closed = True
-            self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
+            self._write(frame(RST_STREAM, 0, stream.id, U32.pack(NO_ERROR)))
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: Stream) -> None:
@@ -639,7 +583,7 @@ class Http2Connection(asyncio.Protocol):
         stream.pending.clear()
         self._blocked.pop(stream.id, None)
         _resolve(stream)
-        self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
+        self._write(frame(RST_STREAM, 0, stream.id, U32.pack(code)))
         self.handler.stream_reset(self, stream)
         if self.closing and not self.streams:
             self.close()
@@ -650,7 +594,7 @@ class Http2Connection(asyncio.Protocol):
         """Graceful: refuse new streams, finish the open ones, then close."""
         if self.transport is None:
             return
-        self._write(frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(NO_ERROR)))
+        self._write(frame(GOAWAY, 0, 0, U32.pack(self.last_stream_id) + U32.pack(NO_ERROR)))
         self.closing = True
         if not self.streams:
             self.close()
@@ -664,7 +608,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _goaway_and_close(self, code: int, message: str) -> None:
         log.info("HTTP/2 connection %s closed: %s", self.peer, message)
-        self._write(frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(code) + message.encode()[:256]))
+        self._write(frame(GOAWAY, 0, 0, U32.pack(self.last_stream_id) + U32.pack(code) + message.encode()[:256]))
         self.closing = True
         self.close()
 

@@ -240,3 +240,19 @@ def test_explicit_mode_load_and_unload_over_grpc(start_server, tmp_path):
         with pytest.raises(InferenceServerException) as info:
             c.load_model("../etc")
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_the_grpcio_server_still_serves_the_same_service(start_server, model_repository):
+    """``--grpc-server grpcio`` (grpc.aio) carries the same servicer as the default HTTP/2 server."""
+    other = start_server(model_repository, "--grpc-server", "grpcio", "--grpc-max-message-size", "4096")
+    assert "(grpcio server)" in other.log()
+    with grpcclient.InferenceServerClient(other.grpc_url) as c:
+        x = np.random.rand(2, 64).astype(np.float32)
+        result = c.infer("mlp", [inputs_for("INPUT0", x, "FP32")])
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), mlp_reference(x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("nope", [inputs_for("INPUT0", x, "FP32")])
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("mlp", [inputs_for("INPUT0", np.zeros((64, 64), np.float32), "FP32")])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"

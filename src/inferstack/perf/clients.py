@@ -1,4 +1,4 @@
-"""Load-generating KServe v2 clients: raw keep-alive HTTP/1.1 and gRPC (grpc.aio).
+"""Load-generating KServe v2 clients: raw keep-alive HTTP/1.1 and gRPC.
 
 Both send request bodies encoded once, before the load starts, so a request
 costs the client a socket write and a response read, nothing per tensor
@@ -10,9 +10,11 @@ element:
   the client instead of the server; this one does tens of thousands
   (``docs/perf.md``). The whole request, head and body, is one ``bytes``
   built by :func:`build_request`.
-* gRPC: one ``grpc.aio`` channel whose ``ModelInfer`` method takes the
-  already serialized ``ModelInferRequest`` (no serializer) and returns the
-  response bytes undecoded: the status code is what says whether it worked.
+* gRPC: ``ModelInfer`` calls go over perf's own HTTP/2 client
+  (``perf/grpc_h2.py``: about a sixth of grpc.aio's client CPU per call) with
+  the already serialized ``ModelInferRequest``; the response bytes stay
+  undecoded: the status code is what says whether it worked. ``--grpc-client
+  grpcio`` sends them through a ``grpc.aio`` channel instead.
 
 :class:`HttpClient` and :class:`GrpcClient` add the calls perf needs around
 the load: model metadata, model configuration (optional, Triton's
@@ -372,10 +374,17 @@ class GrpcClient:
     protocol = "grpc"
 
     def __init__(self, host: str, port: int, model: str, version: str = "",
-                 timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 1 << 30) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 1 << 30,
+                 implementation: str = "inferstack") -> None:
         import grpc.aio
 
         from inferstack._proto import grpc_service_pb2 as pb
+        from inferstack.perf.grpc_h2 import GrpcH2Channel
+
+        #: ModelInfer calls (the load) go over perf's own HTTP/2 client unless ``grpcio`` is asked for;
+        #: the setup calls (metadata, config, statistics) always use grpc.aio.
+        self.implementation = implementation
+        self._h2 = GrpcH2Channel(host, port) if implementation == "inferstack" else None
 
         self.pb = pb
         self.host, self.port, self.model, self.version, self.timeout = host, port, model, version, timeout
@@ -397,6 +406,8 @@ class GrpcClient:
         return f"{host}:{self.port}"
 
     async def close(self) -> None:
+        if self._h2 is not None:
+            await self._h2.close()
         await self.channel.close()
 
     async def metadata(self) -> dict[str, Any]:
@@ -451,6 +462,16 @@ class GrpcClient:
 
     async def infer(self, data: bytes) -> str | None:
         """One pre-serialized ModelInfer call; None on success, else the error message."""
+        if self._h2 is not None:
+            from inferstack.perf.grpc_h2 import STATUS_NAMES, GrpcCallError
+
+            try:
+                await self._h2.unary(_SERVICE + "ModelInfer", data, self.timeout)
+            except GrpcCallError as exc:
+                return f"{STATUS_NAMES.get(exc.code, exc.code)}: {exc.details}"
+            except Exception as exc:  # noqa: BLE001 - counted and reported, never fatal
+                return exception_message(exc, self.timeout)
+            return None
         try:
             await self._infer(data, timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - counted and reported, never fatal

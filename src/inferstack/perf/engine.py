@@ -357,6 +357,8 @@ class GeneratorConfig:
     distribution: str = "constant"
     timeout: float = DEFAULT_TIMEOUT
     seed: int = 0
+    #: gRPC load client: ``inferstack`` (perf/grpc_h2.py) or ``grpcio`` (grpc.aio).
+    grpc_client: str = "inferstack"
 
 
 class LoadGenerator:
@@ -433,7 +435,8 @@ class LoadGenerator:
         (concurrency slots, or requests per second)."""
         if self.config.protocol == "grpc" and self._grpc is None:
             self._grpc = GrpcClient(self.config.host, self.config.port, self.config.model,
-                                    self.config.version, self.config.timeout)
+                                    self.config.version, self.config.timeout,
+                                    implementation=self.config.grpc_client)
         self._stopping = False
         self._emitted = Totals()
         self._reset()

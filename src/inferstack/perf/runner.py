@@ -59,6 +59,7 @@ class PerfSettings:
     workers: int = 1
     timeout: float = DEFAULT_TIMEOUT
     seed: int = 0
+    grpc_client: str = "inferstack"
 
 
 def levels_of(settings: PerfSettings) -> list[LevelSpec]:
@@ -182,6 +183,7 @@ async def _run(settings: PerfSettings, out: Any, err: Any) -> tuple[int, dict[st
             protocol=settings.protocol, host=host, port=port, model=settings.model, version=settings.version,
             requests=requests, interval=settings.measurement_interval_ms / 1e3, max_trials=settings.max_trials,
             distribution=settings.distribution, timeout=settings.timeout, seed=settings.seed,
+            grpc_client=settings.grpc_client,
         )
         if settings.workers > 1:
             generator = ProcessPool(config, settings.workers)

@@ -422,9 +422,9 @@ class GrpcH2Server:
                 compressed = body[offset]
                 payload: Any = view[offset + 5 : offset + 5 + size]
                 offset += 5 + size
-                if compressed:
-                    payload = self._inflate(call, payload)
-                try:
+                try:  # (``finally`` drops the view: an error's traceback must not keep ``body`` exported)
+                    if compressed:
+                        payload = self._inflate(call, bytes(payload))
                     messages.append(call.method.parse(payload))
                 except DecodeError as error:
                     raise _CallError(INTERNAL, f"cannot parse the request message: {error}") from None

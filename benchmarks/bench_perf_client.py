@@ -11,7 +11,9 @@ numbers are the client's:
   ``OUTPUT0`` of 10 FP32 values (the size of the example ``mlp``'s answer);
 * gRPC: a ``grpc.aio`` server with a generic handler for
   ``inference.GRPCInferenceService/ModelInfer`` that returns fixed response
-  bytes (no protobuf parsing on either side of the handler).
+  bytes (no protobuf parsing on either side of the handler), driven by perf's
+  own HTTP/2 gRPC client (``grpc``, the default of ``inferstack perf``) and by
+  the grpc.aio client (``grpcio``, ``--grpc-client grpcio``).
 
 The stand-in runs in its own process (this script with ``--serve``). For each
 protocol and concurrency the client runs one level (``--windows`` windows of
@@ -174,8 +176,11 @@ def _request(protocol: str, port: int) -> bytes:
 
 
 async def measure(protocol: str, standin: StandIn, concurrency: int, window: float, windows: int) -> dict:
-    config = GeneratorConfig(protocol=protocol, host="127.0.0.1", port=standin.port, model=MODEL, version="",
-                             requests=[_request(protocol, standin.port)], interval=window, max_trials=windows)
+    """``protocol``: http, grpc (perf's own HTTP/2 gRPC client) or grpcio (the grpc.aio client)."""
+    wire = "http" if protocol == "http" else "grpc"
+    config = GeneratorConfig(protocol=wire, host="127.0.0.1", port=standin.port, model=MODEL, version="",
+                             requests=[_request(wire, standin.port)], interval=window, max_trials=windows,
+                             grpc_client="grpcio" if protocol == "grpcio" else "inferstack")
     generator = LoadGenerator(config)
     # A stability band no level meets: every level runs exactly `windows` windows.
     controller = Controller(generator, EngineSettings(batch_size=1, interval=window, stability_percentage=1e-9,
@@ -204,7 +209,8 @@ async def measure(protocol: str, standin: StandIn, concurrency: int, window: flo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", nargs=2, metavar=("PROTOCOL", "PORT"), help=argparse.SUPPRESS)
-    ap.add_argument("--protocols", default="http,grpc", help="default: %(default)s")
+    ap.add_argument("--protocols", default="http,grpc,grpcio",
+                    help="http, grpc (perf's HTTP/2 gRPC client), grpcio (grpc.aio client); default: %(default)s")
     ap.add_argument("--concurrency", default="1,8,32", help="levels, comma-separated (default: %(default)s)")
     ap.add_argument("--window", type=float, default=1.0, help="seconds per window (default: %(default)s)")
     ap.add_argument("--windows", type=int, default=3, help="windows per level (default: %(default)s)")
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for protocol in [p.strip() for p in args.protocols.split(",") if p.strip()]:
-        standin = StandIn(protocol)
+        standin = StandIn("http" if protocol == "http" else "grpc")
         try:
             for c in [int(v) for v in args.concurrency.split(",")]:
                 r = uvloop.run(measure(protocol, standin, c, args.window, args.windows))

@@ -1,6 +1,6 @@
 """The server process: wires the serving core to its transports and runs them.
 
-One asyncio event loop (uvloop) serves HTTP and gRPC (``grpc.aio``); Prometheus metrics are served
+One asyncio event loop (uvloop) serves HTTP and gRPC (our HTTP/2 server, or ``grpc.aio``); Prometheus metrics are served
 from their own thread on their own port; models load in the background so
 liveness answers at once and readiness turns true when the models meant to
 load are READY (what Kubernetes startup and readiness probes want).

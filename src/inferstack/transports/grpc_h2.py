@@ -162,6 +162,7 @@ class Call:
         "encoding",
         "expired",
         "finished",
+        "gone",
         "metadata",
         "method",
         "requests",
@@ -188,6 +189,8 @@ class Call:
         self.details = ""
         self.trailing: tuple[tuple[str, Any], ...] = ()
         self.finished = False
+        #: The client reset the stream or the connection was lost.
+        self.gone = False
 
     # -- the ServicerContext surface ------------------------------------------------------
 
@@ -204,7 +207,8 @@ class Call:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def cancelled(self) -> bool:
-        return self.finished and self.code is None
+        """True once the client reset the call or went away (or its deadline passed)."""
+        return self.gone or self.expired
 
     def done(self) -> bool:
         return self.finished
@@ -390,7 +394,7 @@ class GrpcH2Server:
 
     def _abandon(self, call: Call) -> None:
         """The client is gone (reset or disconnect): cancel the handler, send nothing."""
-        call.finished = True
+        call.finished = call.gone = True
         if call.timer is not None:
             call.timer.cancel()
         if call.task is not None and not call.task.done():
